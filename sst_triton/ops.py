@@ -1,12 +1,29 @@
-"""Public entry points: argument checks, then dispatch to the Triton kernels or the PyTorch path."""
+"""Public entry points: argument checks, then the custom operator of the backend.
+
+Every call goes through a ``torch.library`` operator (:mod:`sst_triton._custom_ops`), so the
+same code runs eagerly, under ``torch.autocast`` and under ``torch.compile(fullgraph=True)``.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from . import _checks
+from . import _checks, _custom_ops
 from .patterns import Boundary, IntOr3, Pattern
+
+
+def _autocast_qkv(q, k, v):
+    """Under ``torch.autocast`` q, k, v take the autocast dtype (as SDPA's do), so that
+    mixed inputs such as an fp32 ``q`` beside an autocast-produced bf16 ``k`` pass the checks.
+    The operators carry the same rule for callers that reach them directly."""
+    if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
+        return q, k, v
+    device_type = q.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if x.dtype in _checks.SUPPORTED_DTYPES else x for x in (q, k, v))
 
 
 def _resolve_backend(q: torch.Tensor, backend: Optional[str]) -> str:
@@ -27,18 +44,17 @@ def sparse_attention(
     backend: Optional[str] = None,
 ):
     """Attention of every cell over its :class:`Pattern` (see :func:`grid_attention`)."""
+    q, k, v = _autocast_qkv(q, k, v)
     _checks.check_qkv(q, k, v)
     scale = _checks.check_scale(scale)
     _checks.check_backend(backend)
-    _checks.check_labels(q, labels, num_objects)
+    # The range of label values is data: reading it would break a compiled graph, so the
+    # compiler skips that one check (the shape, dtype and device checks still run).
+    _checks.check_labels(q, labels, num_objects, check_values=not torch.compiler.is_compiling())
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _resolve_backend(q, backend) == "triton":
-        from . import triton_path
-
-        return triton_path.sparse_attention(q, k, v, pattern, scale, labels, num_objects, causal_affinity)
-    from . import torch_path
-
-    return torch_path.sparse_attention(q, k, v, pattern, scale, labels, num_objects, causal_affinity)
+    return _custom_ops.sparse_attention(
+        q, k, v, pattern, scale, labels, num_objects, causal_affinity, _resolve_backend(q, backend)
+    )
 
 
 def grid_attention(

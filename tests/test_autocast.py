@@ -1,0 +1,55 @@
+"""Under ``torch.autocast`` the attention takes the autocast dtype for q, k, v, as SDPA does."""
+import pytest
+import torch
+
+import sst_triton._custom_ops as custom_ops
+from sst_triton import Pattern, local_attention, strided_attention
+
+SHAPE = (1, 2, 3, 4, 5, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_qkv_like_sdpa(dtype):
+    q, k, v = (torch.randn(SHAPE, requires_grad=True) for _ in range(3))
+    labels = torch.randint(-1, 2, SHAPE[:1] + SHAPE[2:5])
+    with torch.autocast("cpu", dtype=dtype):
+        out, aff = local_attention(q, k, v, 3, labels=labels, num_objects=2)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q[..., 0, :], k[..., 0, :], v[..., 0, :])
+    assert sdpa.dtype == dtype
+    assert out.dtype == dtype
+    assert aff.dtype == torch.float32  # affinities are always float32 (SPEC)
+    # the same as casting by hand
+    ref_out, ref_aff = local_attention(q.to(dtype), k.to(dtype), v.to(dtype), 3, labels=labels, num_objects=2)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(aff, ref_aff, atol=0, rtol=0)
+    # gradients flow back through the cast to the float32 leaves
+    (out.float().sum() + aff.sum()).backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0 for x in (q, k, v))
+
+
+def test_autocast_accepts_mixed_input_dtypes():
+    q = torch.randn(SHAPE)
+    k, v = torch.randn(SHAPE, dtype=torch.bfloat16), torch.randn(SHAPE, dtype=torch.float16)
+    with pytest.raises(TypeError, match="dtype of q"):
+        strided_attention(q, k, v, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = strided_attention(q, k, v, 2)
+    assert out.dtype == torch.bfloat16
+
+
+def test_operator_has_its_own_autocast_rule():
+    """A caller of the operator itself (not ops.py) gets the same cast."""
+    q, k, v = (torch.randn(SHAPE) for _ in range(3))
+    args = (*custom_ops.pattern_args(Pattern.grid()), 1.0, None, 0, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, aff = torch.ops.sst_triton.attention_torch(q, k, v, *args)
+    assert out.dtype == torch.bfloat16
+    assert aff.numel() == 0
+    expected, _ = torch.ops.sst_triton.attention_torch(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_autocast_disabled_keeps_float32():
+    q, k, v = (torch.randn(SHAPE) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert local_attention(q, k, v, 3).dtype == torch.float32

@@ -1,0 +1,94 @@
+"""``torch.compile(fullgraph=True)`` over the attention calls and the nn module, on CPU.
+
+Every public call is one ``torch.library`` operator, so Dynamo must trace it without a
+graph break, and the compiled forward and backward must equal eager execution.
+"""
+import functools
+
+import pytest
+import torch
+
+from sst_triton import Pattern, grid_attention, local_attention, strided_attention
+from sst_triton.nn import SparseAttention3d
+
+SHAPE = (1, 2, 3, 4, 5, 8)  # (B, N, T, H, W, D)
+CALLS = {
+    "grid": functools.partial(grid_attention, causal=True),
+    "local": functools.partial(local_attention, kernel_size=(3, 3, 5), boundary="shift"),
+    "strided": functools.partial(strided_attention, stride=(1, 2, 2)),
+}
+
+
+def _inputs():
+    q, k, v = (torch.randn(SHAPE, requires_grad=True) for _ in range(3))
+    B, _, T, H, W, _ = SHAPE
+    labels = torch.randint(-1, 3, (B, T, H, W))
+    return q, k, v, labels
+
+
+def _value_and_grads(fn, q, k, v, labels):
+    for x in (q, k, v):
+        x.grad = None
+    res = fn(q, k, v, labels)
+    outs = res if isinstance(res, tuple) else (res,)
+    # a weighted sum so that every output element has its own gradient
+    loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs] + [x.grad.clone() for x in (q, k, v)]
+
+
+@pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "no_labels"])
+@pytest.mark.parametrize("name", list(CALLS))
+def test_compiled_call_equals_eager(name, with_labels):
+    call = CALLS[name]
+
+    def fn(q, k, v, labels):
+        if with_labels:
+            return call(q, k, v, labels=labels, num_objects=3)
+        return call(q, k, v)
+
+    q, k, v, labels = _inputs()
+    eager = _value_and_grads(fn, q, k, v, labels)
+    compiled = _value_and_grads(torch.compile(fn, fullgraph=True), q, k, v, labels)
+    assert len(eager) == (5 if with_labels else 4)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_explain_reports_no_graph_break(name):
+    call = CALLS[name]
+
+    def fn(q, k, v, labels):
+        out, aff = call(q, k, v, labels=labels, num_objects=3)
+        return out.sum() + aff.sum()
+
+    explanation = torch._dynamo.explain(fn)(*_inputs())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_module_equals_eager():
+    module = SparseAttention3d(16, num_heads=4, pattern=[Pattern.local(3), Pattern.strided((1, 2, 2))], scale=1.0)
+    x = torch.randn(2, 16, 3, 4, 5, requires_grad=True)
+    labels = torch.randint(-1, 2, (2, 3, 4, 5))
+
+    def run(m):
+        x.grad = None
+        module.zero_grad()
+        y, aff = m(x, labels=labels, num_objects=2)
+        (y.square().sum() + aff.sum()).backward()
+        return [y.detach(), aff.detach(), x.grad.clone(), module.qkv.weight.grad.clone()]
+
+    eager = run(module)
+    compiled = run(torch.compile(module, fullgraph=True))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-4)
+    explanation = torch._dynamo.explain(module)(x, labels=labels, num_objects=2)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_label_range_still_checked_eagerly():
+    q, k, v, labels = _inputs()
+    with pytest.raises(ValueError, match="labels must lie in"):
+        local_attention(q, k, v, 3, labels=labels + 5, num_objects=3)
