@@ -1,0 +1,141 @@
+"""The SST encoder: sparse spatiotemporal self-attention layers over the frame buffer.
+
+Each layer also returns its per-head object affinities for the current (last) frame:
+how strongly each current-frame cell attends to earlier cells of each object.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from sst_triton import Pattern
+from sst_triton.nn import SparseAttention3d
+
+ATTENTIONS = ("grid", "local", "strided", "local_strided")
+
+
+def make_pattern(
+    attn: str,
+    kernel_size: Union[int, Sequence[int]] = (7, 7, 7),
+    stride: Union[int, Sequence[int]] = (1, 2, 2),
+) -> Union[Pattern, list[Pattern]]:
+    """The connectivity of an ``attn`` variant.
+
+    ``local_strided`` (the paper's LocalStrided) gives half of the heads the local cube and
+    half the strided pattern.
+    """
+    if attn == "grid":
+        return Pattern.grid()
+    if attn == "local":
+        return Pattern.local(kernel_size)
+    if attn == "strided":
+        return Pattern.strided(stride)
+    if attn == "local_strided":
+        return [Pattern.local(kernel_size), Pattern.strided(stride)]
+    raise ValueError(f"attn must be one of {ATTENTIONS}, got {attn!r}")
+
+
+class FeedForward(nn.Sequential):
+    """Position-wise ``Linear -> GELU -> Linear`` on channels-last tensors."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
+
+    Pre-norm bounds the inputs of the unscaled (``scale=1``) dot products.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: attention heads.
+        pattern: a Pattern, or a list splitting the heads into groups.
+        mlp_ratio: hidden width of the feed-forward network, in multiples of ``dim``.
+        scale: attention logit scale (the paper's ``1.0``; ``None`` = ``1/sqrt(head_dim)``).
+        backend: attention backend (``None``: Triton on CUDA, PyTorch on CPU).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        pattern: Union[Pattern, Sequence[Pattern]],
+        mlp_ratio: float = 2.0,
+        scale: Optional[float] = 1.0,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SparseAttention3d(dim, num_heads, pattern, scale=scale, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, int(dim * mlp_ratio))
+
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor, num_objects: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args:
+            x: ``(B, C, T, H, W)``.
+            labels: ``(B, T, H, W)`` ids in ``[-1, num_objects)``, ``-1`` unknown.
+
+        Returns:
+            ``(B, C, T, H, W)`` and the current frame's affinities ``(B, heads, O, H, W)``.
+        """
+        h = rearrange(self.norm1(rearrange(x, "b c t h w -> b t h w c")), "b t h w c -> b c t h w")
+        y, affinity = self.attn(h, labels, num_objects)
+        x = rearrange(x + y, "b c t h w -> b t h w c")
+        x = x + self.ffn(self.norm2(x))
+        return rearrange(x, "b t h w c -> b c t h w"), affinity[:, :, :, -1]
+
+
+class SparseEncoder(nn.Module):
+    """``depth`` :class:`EncoderLayer` s and a final LayerNorm.
+
+    Args:
+        dim: channels ``C``.
+        depth: layers ``L``.
+        num_heads: heads per layer.
+        pattern: connectivity of every layer (see :func:`make_pattern`).
+        mlp_ratio, scale, backend: as in :class:`EncoderLayer`.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        depth: int = 2,
+        num_heads: int = 4,
+        pattern: Union[Pattern, Sequence[Pattern]] = Pattern.local(7),
+        mlp_ratio: float = 2.0,
+        scale: Optional[float] = 1.0,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        self.layers = nn.ModuleList(
+            EncoderLayer(dim, num_heads, pattern, mlp_ratio, scale, backend) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.depth, self.num_heads = depth, num_heads
+
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor, num_objects: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args:
+            x: ``(B, C, T, H, W)`` buffer frames then the current frame, position encoded.
+            labels: ``(B, T, H, W)`` ids in ``[-1, num_objects)``; the current frame is ``-1``.
+            num_objects: ``O``, background included.
+
+        Returns:
+            the current frame's encoding ``(B, C, H, W)`` and the affinities of every layer
+            and head ``(B, L * heads, O, H, W)``.
+        """
+        affinities = []
+        for layer in self.layers:
+            x, affinity = layer(x, labels, num_objects)
+            affinities.append(affinity)
+        out = self.norm(rearrange(x[:, :, -1], "b c h w -> b h w c"))
+        return rearrange(out, "b h w c -> b c h w"), torch.cat(affinities, dim=1)

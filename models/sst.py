@@ -1,0 +1,287 @@
+"""SST: Sparse Spatiotemporal Transformers for video object segmentation (Duke et al., CVPR 2021).
+
+``backbone -> + positional encoding -> sparse encoder (affinities) -> CFBI-like decoder``.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .backbone import build_backbone, torchvision_available
+from .decoder import ObjectDecoder
+from .encoder import ATTENTIONS, SparseEncoder, make_pattern
+from .position import build_position_encoding
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NumObjects = Union[int, Sequence[int], torch.Tensor]
+
+
+def downsample_labels(labels: torch.Tensor, stride: int, num_objects: int) -> torch.Tensor:
+    """Majority vote of object ids in every ``stride x stride`` cell.
+
+    Args:
+        labels: ``(B, T, H, W)`` ids in ``[-1, num_objects)``, ``H`` and ``W`` multiples of ``stride``.
+
+    Returns:
+        ``(B, T, H/stride, W/stride)`` long, ``-1`` where unknown pixels win.
+    """
+    B = labels.shape[0]
+    # -1 (unknown) becomes the last class so that it can win the vote too
+    classes = torch.where(labels < 0, num_objects, labels).long()
+    onehot = F.one_hot(rearrange(classes, "b t h w -> (b t) h w"), num_objects + 1)
+    votes = F.avg_pool2d(rearrange(onehot.float(), "n h w o -> n o h w"), stride)
+    winner = votes.argmax(dim=1)
+    winner = torch.where(winner == num_objects, -1, winner)
+    return rearrange(winner, "(b t) h w -> b t h w", b=B)
+
+
+class SST(nn.Module):
+    """Segments the last frame of a clip from the object labels of the earlier frames.
+
+    All arguments are keyword-only and have working defaults: the default model is small
+    enough to train on a 2-core CPU in minutes on 64x64 videos.
+
+    Args:
+        attn: connectivity of the encoder's attention: ``"grid"``, ``"local"``, ``"strided"``
+            or ``"local_strided"`` (half of the heads each).
+        dim: channels of the embedding and of the encoder.
+        depth: encoder layers ``L``.
+        heads: attention heads per layer (even for ``"local_strided"``).
+        mlp_ratio: feed-forward width in multiples of ``dim``.
+        tau: frames in the propagation buffer (the clip is ``tau + 1`` frames in training).
+        kernel_size: local cube ``(kt, kh, kw)`` in feature cells; ``None`` takes
+            ``(2 * tau + 1, 5, 5)`` so that the current frame sees the whole buffer.
+        stride: strided step ``(st, sh, sw)`` in feature cells; the default ``(1, 3, 3)``
+            keeps every frame and a 3-cell spacing that suits 16x16 feature maps.
+        pos_enc: ``"sinusoidal"`` (the paper's best), ``"learned"`` or ``"none"``.
+        backbone: ``"small"`` (built-in CNN) or a torchvision ResNet name (e.g. ``"resnet101"``;
+            needs torchvision).
+        backbone_stride: output stride of the backbone, 4 or 8 (16 for ResNets).
+        backbone_width: first-stage channels of the small CNN.
+        backbone_weights: local weight file of a ResNet backbone (nothing is downloaded).
+        decoder_dim: decoder width.
+        scale: attention logit scale; the paper's ``1.0`` (``None`` = ``1/sqrt(head_dim)``).
+        attention_backend: ``None`` (Triton on CUDA, PyTorch on CPU), ``"torch"`` or ``"triton"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        attn: str = "local_strided",
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        tau: int = 3,
+        kernel_size: Optional[Union[int, Sequence[int]]] = None,
+        stride: Union[int, Sequence[int]] = (1, 3, 3),
+        pos_enc: str = "sinusoidal",
+        backbone: str = "small",
+        backbone_stride: int = 4,
+        backbone_width: int = 32,
+        backbone_weights: Optional[Union[str, os.PathLike]] = None,
+        decoder_dim: int = 32,
+        scale: Optional[float] = 1.0,
+        attention_backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if attn not in ATTENTIONS:
+            raise ValueError(f"attn must be one of {ATTENTIONS}, got {attn!r}")
+        for name, value in (("dim", dim), ("heads", heads), ("tau", tau), ("decoder_dim", decoder_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if attn == "local_strided" and heads % 2:
+            raise ValueError(f"heads must be even for attn='local_strided' (half local, half strided), got {heads}")
+        if kernel_size is None:
+            kernel_size = (2 * tau + 1, 5, 5)
+        self.config = dict(
+            attn=attn, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, tau=tau,
+            kernel_size=kernel_size, stride=stride, pos_enc=pos_enc, backbone=backbone,
+            backbone_stride=backbone_stride, backbone_width=backbone_width, decoder_dim=decoder_dim, scale=scale,
+        )
+        self.attn, self.tau = attn, tau
+        self.backbone = build_backbone(backbone, backbone_stride, backbone_width, backbone_weights)
+        self.stride = self.backbone.stride
+        self.embed = nn.Conv2d(self.backbone.out_channels, dim, 1)
+        self.pos_enc = build_position_encoding(pos_enc, dim)
+        self.encoder = SparseEncoder(
+            dim, depth, heads, make_pattern(attn, kernel_size, stride), mlp_ratio, scale, attention_backend
+        )
+        self.decoder = ObjectDecoder(dim, depth * heads, self.backbone.skip_channels, decoder_dim)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def paper_config(cls, **overrides) -> "SST":
+        """The paper-size model: ResNet-101 at stride 8 when torchvision is installed (else the
+        small CNN widened to 64 channels at stride 8), ``dim=256``, ``L=3``, 8 heads, ``tau=3``,
+        LocalStrided attention. Keyword arguments override any of these."""
+        config = dict(
+            attn="local_strided", dim=256, depth=3, heads=8, mlp_ratio=4.0, tau=3,
+            kernel_size=(7, 7, 7), stride=(1, 4, 4), backbone_stride=8, decoder_dim=128,
+        )
+        if torchvision_available():
+            config["backbone"] = "resnet101"
+        else:
+            config.update(backbone="small", backbone_width=64)
+        config.update(overrides)
+        return cls(**config)
+
+    # -- pieces the Propagator reuses -------------------------------------------------------
+
+    def pad_size(self, height: int, width: int) -> tuple[int, int]:
+        """The smallest multiple of the backbone's stride at least as large."""
+        s = self.stride
+        return -(-height // s) * s, -(-width // s) * s
+
+    def extract(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Backbone features of frames.
+
+        Args:
+            frames: ``(N, 3, H, W)`` in ``[0, 1]``, ``H``, ``W`` multiples of :attr:`stride`.
+
+        Returns:
+            embedding ``(N, dim, H/stride, W/stride)`` and the skips (finest first).
+        """
+        features, skips = self.backbone((frames - self.mean) / self.std)
+        return self.embed(features), skips
+
+    def segment(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        num_objects: int,
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Logits of the last frame from embeddings of the whole clip.
+
+        Args:
+            embeddings: ``(B, dim, T, h, w)``: buffer frames, then the current frame.
+            labels: ``(B, T, h, w)`` feature-resolution ids in ``[-1, num_objects)``; the
+                current frame's are ignored (treated as unknown).
+            skips: the current frame's skips.
+            num_objects: ``O``, background included.
+            size: padded ``(H, W)`` of the output.
+
+        Returns:
+            logits ``(B, O, H, W)``.
+        """
+        labels = labels.clone()
+        labels[:, -1] = -1
+        x = embeddings
+        if self.pos_enc is not None:
+            T, h, w = x.shape[2:]
+            x = x + self.pos_enc((T, h, w), device=x.device).to(x.dtype)
+        encoding, affinity = self.encoder(x, labels, num_objects)
+        return self.decoder(embeddings[:, :, -1], encoding, affinity, skips, size)
+
+    # -- the training / evaluation entry point ----------------------------------------------
+
+    def forward(self, video: torch.Tensor, labels: torch.Tensor, num_objects: NumObjects) -> torch.Tensor:
+        """Segment the last frame of ``video`` from the labels of its earlier frames.
+
+        Args:
+            video: ``(B, T, 3, H, W)`` float in ``[0, 1]``, ``T >= 2``, any ``H``, ``W``.
+            labels: ``(B, T, H, W)`` or ``(B, T - 1, H, W)`` integer object ids of the frames;
+                ``0`` = background, ``1..num_objects-1`` objects, ``-1`` unknown (ignored).
+                Only the first ``T - 1`` frames are read: the last frame's labels (if given)
+                are the target, never an input.
+            num_objects: ``O``, the number of output channels **including the background**
+                (an int for the whole batch), or one count per sample (sequence or ``(B,)``
+                tensor) when samples have different numbers of objects.
+
+        Returns:
+            logits ``(B, O, H, W)`` with ``O = max(num_objects)``, channel 0 = background;
+            the channels of objects a sample does not have (``>= num_objects[b]``) are
+            ``-inf``, so a softmax or cross-entropy over channels ignores them.
+        """
+        counts = self._check_inputs(video, labels, num_objects)
+        B, T, _, H, W = video.shape
+        O = int(counts.max())
+        Hp, Wp = self.pad_size(H, W)
+        frames = rearrange(video, "b t c h w -> (b t) c h w")
+        past = labels[:, : T - 1].long()
+        if (Hp, Wp) != (H, W):
+            frames = F.pad(frames, (0, Wp - W, 0, Hp - H), mode="replicate")
+            past = F.pad(past, (0, Wp - W, 0, Hp - H), value=-1)
+        embeddings, skips = self.extract(frames)
+        embeddings = rearrange(embeddings, "(b t) c h w -> b c t h w", b=B)
+        current_skips = [rearrange(s, "(b t) c h w -> b t c h w", b=B)[:, -1] for s in skips]
+        past = downsample_labels(past, self.stride, O)
+        feature_labels = torch.cat([past, past.new_full((B, 1) + past.shape[2:], -1)], dim=1)
+        logits = self.segment(embeddings, feature_labels, current_skips, O, (Hp, Wp))[..., :H, :W]
+        present = torch.arange(O, device=logits.device)[None, :] < counts.to(logits.device)[:, None]
+        return logits.masked_fill(~present[:, :, None, None], float("-inf"))
+
+    def _check_inputs(self, video, labels, num_objects) -> torch.Tensor:
+        """Validate the arguments of :meth:`forward`; return the per-sample object counts ``(B,)``."""
+        if not isinstance(video, torch.Tensor) or not video.is_floating_point():
+            raise TypeError(f"video must be a float tensor (B, T, 3, H, W) in [0, 1], got {_describe(video)}")
+        if video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must have shape (B, T, 3, H, W), got {tuple(video.shape)}")
+        B, T, _, H, W = video.shape
+        if T < 2:
+            raise ValueError(f"video must have T >= 2 frames (reference frames, then the frame to segment), got {T}")
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be an integer tensor (B, T, H, W), got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must have an integer dtype (object ids), got {labels.dtype}")
+        if labels.dim() != 4 or labels.shape[0] != B or labels.shape[1] not in (T, T - 1) or labels.shape[2:] != (H, W):
+            raise ValueError(
+                f"labels must have shape (B, T, H, W) = {(B, T, H, W)} or (B, T-1, H, W), got {tuple(labels.shape)}"
+            )
+        counts = _object_counts(num_objects, B)
+        used = labels[:, : T - 1]
+        lo = used.amin(dim=(1, 2, 3)).cpu()
+        hi = used.amax(dim=(1, 2, 3)).cpu()
+        bad = (lo < -1) | (hi >= counts)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise ValueError(
+                f"labels of sample {b} must lie in [-1, num_objects) = [-1, {int(counts[b])}) "
+                f"(num_objects counts the background), got values in [{int(lo[b])}, {int(hi[b])}]"
+            )
+        return counts
+
+
+def _object_counts(num_objects: NumObjects, batch: int) -> torch.Tensor:
+    """``num_objects`` as a ``(B,)`` long tensor on the CPU, each >= 1."""
+    if isinstance(num_objects, numbers.Integral) and not isinstance(num_objects, bool):
+        counts = torch.full((batch,), int(num_objects), dtype=torch.long)
+    elif isinstance(num_objects, torch.Tensor) and num_objects.dim() == 0:
+        if num_objects.dtype.is_floating_point:
+            raise TypeError(f"num_objects must hold integers, got {num_objects.dtype}")
+        counts = torch.full((batch,), int(num_objects), dtype=torch.long)
+    else:
+        try:
+            counts = torch.as_tensor(num_objects).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"num_objects must be an int or one int per sample, got {num_objects!r}") from None
+        if counts.dtype.is_floating_point or counts.dtype == torch.bool or counts.dim() != 1:
+            raise TypeError(f"num_objects must be an int or one int per sample, got {num_objects!r}")
+        if counts.shape[0] != batch:
+            raise ValueError(f"num_objects must give one count per sample ({batch}), got {counts.shape[0]}")
+        counts = counts.long()
+    if bool((counts < 1).any()):
+        raise ValueError(f"num_objects must be >= 1 (it counts the background), got {counts.tolist()}")
+    return counts
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
