@@ -563,9 +563,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.bound_th <= 0:
         parser.error(f"--bound-th must be > 0, got {args.bound_th}")
     split = args.split or "val"
-    warnings.simplefilter("always")
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    with warnings.catch_warnings():  # restores the caller's warning state on return
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        return _run(parser, args, modes[0], split)
 
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: str, split: str) -> int:
     try:
         if args.predictions:
             if not args.ground_truth:
@@ -581,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
 
         if not args.data:
-            parser.error(f"--{modes[0]} needs --data synthetic|DIR")
+            parser.error(f"--{mode} needs --data synthetic|DIR")
         if args.data == "synthetic":
             videos = synthetic_videos(args.synthetic_videos, args.synthetic_frames, args.synthetic_size)
             data_name = "synthetic"
