@@ -1,0 +1,194 @@
+"""The PyTorch (CPU) path against the dense, masked float64 reference."""
+import pytest
+import torch
+from einops import rearrange
+
+from sst_triton import Pattern, grid_attention, local_attention, sparse_attention, strided_attention
+from sst_triton import torch_path
+from sst_triton.patterns import dense_mask
+from sst_triton.reference import reference_attention
+
+
+def _id(p: Pattern) -> str:
+    params = {"grid": "", "local": f"{p.kernel_size}{p.boundary}", "strided": f"{p.stride}"}[p.kind]
+    return f"{p.kind}{params}{'-causal' if p.causal else ''}".replace(" ", "")
+
+# (pattern, (B, N, T, H, W, D)): odd sizes, axes of length 1, kernels and strides longer
+# than their axis, both boundaries, causal.
+CASES = [
+    (Pattern.grid(), (2, 2, 3, 5, 4, 8)),
+    (Pattern.grid(causal=True), (1, 3, 4, 3, 5, 4)),
+    (Pattern.grid(), (1, 2, 1, 1, 7, 4)),
+    (Pattern.grid(causal=True), (1, 1, 5, 1, 1, 3)),
+    (Pattern.local(3), (2, 2, 3, 5, 4, 8)),
+    (Pattern.local((3, 5, 1), boundary="shift"), (1, 2, 3, 7, 4, 4)),
+    (Pattern.local((5, 3, 3), causal=True), (1, 2, 4, 6, 5, 4)),
+    (Pattern.local((3, 5, 7), boundary="shift", causal=True), (1, 1, 5, 4, 9, 4)),
+    (Pattern.local(9), (1, 2, 2, 3, 5, 4)),
+    (Pattern.local(9, boundary="shift"), (1, 2, 3, 11, 2, 4)),
+    (Pattern.local((1, 3, 3)), (1, 1, 1, 1, 1, 4)),
+    (Pattern.strided((1, 3, 2), causal=True), (2, 2, 3, 5, 4, 8)),
+    (Pattern.strided(2), (1, 2, 5, 3, 7, 4)),
+    (Pattern.strided((2, 8, 1)), (1, 2, 4, 5, 3, 4)),
+    (Pattern.strided((3, 1, 5), causal=True), (1, 1, 7, 2, 6, 4)),
+    (Pattern.strided(1), (1, 2, 2, 3, 3, 4)),
+]
+
+
+def _inputs(shape, dtype=torch.float32, fused=True):
+    """q, k, v as non-contiguous views of one fused projection (as an nn module makes them)."""
+    B, N, T, H, W, D = shape
+    if not fused:
+        return tuple(torch.randn(shape, dtype=dtype) for _ in range(3))
+    qkv = torch.randn(B, T, H, W, 3 * N * D, dtype=dtype)
+    q, k, v = rearrange(qkv, "b t h w (three n d) -> three b n t h w d", three=3, n=N)
+    assert not q.is_contiguous() or T * H * W * N == 1
+    return q, k, v
+
+
+def _labels(B, T, H, W, num_objects):
+    labels = torch.randint(-1, num_objects, (B, T, H, W))
+    # an object that never occurs, and one that only appears in the last frame
+    labels[labels == num_objects - 1] = 0
+    labels[:, -1, 0, 0] = num_objects - 2
+    return labels
+
+
+def _grads(outputs, inputs, weights):
+    loss = sum((o.double() * w).sum() for o, w in zip(outputs, weights))
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("causal_affinity", [True, False])
+@pytest.mark.parametrize("pattern,shape", CASES, ids=[f"{p.kind}{i}" for i, (p, _) in enumerate(CASES)])
+def test_matches_reference_with_gradients(pattern, shape, causal_affinity):
+    B, N, T, H, W, D = shape
+    O = 4
+    q, k, v = (x.detach().requires_grad_() for x in _inputs(shape, fused=False))
+    labels = _labels(B, T, H, W, O)
+    scale = 0.7
+    out, aff = sparse_attention(q, k, v, pattern, scale, labels=labels, num_objects=O,
+                                causal_affinity=causal_affinity)
+    assert out.dtype == torch.float32 and aff.dtype == torch.float32
+    assert aff.shape == (B, N, O, T, H, W)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_aff = reference_attention(qd, kd, vd, pattern, scale, labels, O, causal_affinity)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(aff.double(), ref_aff, atol=1e-4, rtol=1e-4)
+    # the object absent from the video has no affinity anywhere
+    assert aff[:, :, O - 1].abs().max() == 0
+    w = (torch.randn_like(ref_out), torch.randn_like(ref_aff))
+    for g, rg in zip(_grads((out, aff), (q, k, v), w), _grads((ref_out, ref_aff), (qd, kd, vd), w)):
+        torch.testing.assert_close(g.double(), rg, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("pattern,shape", CASES[::2], ids=[f"{p.kind}{i}" for i, (p, _) in enumerate(CASES[::2])])
+def test_without_labels_matches_reference_on_fused_views(pattern, shape):
+    q, k, v = (x.detach().requires_grad_() for x in _inputs(shape))
+    out = sparse_attention(q, k, v, pattern)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(qd, kd, vd, pattern)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    w = (torch.randn_like(ref),)
+    for g, rg in zip(_grads((out,), (q, k, v), w), _grads((ref,), (qd, kd, vd), w)):
+        torch.testing.assert_close(g.double(), rg, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [Pattern.grid(causal=True), Pattern.local((3, 3, 5), causal=True), Pattern.local(3, boundary="shift"),
+     Pattern.strided((1, 2, 2)), Pattern.strided(1, causal=True)],
+    ids=_id,
+)
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_many_small_chunks_match_reference(monkeypatch, pattern, with_labels):
+    """With a tiny chunk budget every loop over queries runs many steps (and a strided
+    class is split across steps): the result must not change."""
+    monkeypatch.setattr(torch_path, "PAIRS_PER_CHUNK", 64)
+    shape = (1, 2, 3, 9, 7, 4)
+    q, k, v = _inputs(shape)
+    labels = _labels(1, 3, 9, 7, 3) if with_labels else None
+    res = sparse_attention(q, k, v, pattern, labels=labels, num_objects=3 if with_labels else None)
+    ref = reference_attention(q, k, v, pattern, labels=labels, num_objects=3 if with_labels else None)
+    for r, e in zip(res if with_labels else (res,), ref if with_labels else (ref,)):
+        torch.testing.assert_close(r.double(), e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern", [Pattern.grid(), Pattern.local(3), Pattern.strided((1, 2, 2))], ids=_id)
+def test_half_precision_outputs_are_sane(dtype, pattern):
+    q, k, v = _inputs((1, 2, 3, 5, 6, 16), dtype=dtype)
+    labels = _labels(1, 3, 5, 6, 3)
+    out, aff = sparse_attention(q, k, v, pattern, labels=labels, num_objects=3)
+    assert out.dtype == dtype and aff.dtype == torch.float32
+    ref_out, ref_aff = reference_attention(q, k, v, pattern, labels=labels, num_objects=3)
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(aff.double(), ref_aff, atol=1e-4, rtol=1e-4)
+
+
+def test_public_functions_build_the_pattern():
+    q, k, v = _inputs((1, 2, 3, 4, 5, 8))
+    torch.testing.assert_close(grid_attention(q, k, v, causal=True).double(),
+                               reference_attention(q, k, v, Pattern.grid(causal=True)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(local_attention(q, k, v, (3, 1, 3), scale=1.0, boundary="shift").double(),
+                               reference_attention(q, k, v, Pattern.local((3, 1, 3), "shift"), 1.0),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(strided_attention(q, k, v, (1, 2, 3)).double(),
+                               reference_attention(q, k, v, Pattern.strided((1, 2, 3))), atol=1e-4, rtol=1e-4)
+
+
+def test_pattern_sizes_match_the_spec():
+    """|I_p| as SPEC.md states it: grid T+H+W-2, shift keeps min(k, L) per axis, strided ~ S/prod(stride)."""
+    T, H, W = 3, 5, 4
+    m = dense_mask(Pattern.grid(), T, H, W)
+    assert (m.sum(1) == T + H + W - 2).all()
+    m = dense_mask(Pattern.local((3, 7, 1), boundary="shift"), T, H, W)
+    assert (m.sum(1) == 3 * 5 * 1).all()
+    m = dense_mask(Pattern.local((3, 3, 3)), T, H, W)
+    assert m.sum(1).max() == 27 and m.sum(1).min() == 8
+    m = dense_mask(Pattern.strided((1, 2, 2)), T, H, W)
+    assert m.sum(1).max() == 3 * 3 * 2
+    assert (dense_mask(Pattern.local(3, causal=True), T, H, W) <= dense_mask(Pattern.local(3), T, H, W)).all()
+
+
+def test_affinity_gradient_reaches_the_argmax_key():
+    """The gradient of an affinity flows only through the probability of the key that attained it."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 2, 1, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    labels = torch.tensor([[[[0, 0, 1]], [[1, 1, 1]]]])
+    pattern = Pattern.local((3, 1, 3))
+    _, aff = torch_path.sparse_attention(q, k, v, pattern, 1.0, labels, 2, True)
+    # frame 1, x=1 over object 0: eligible keys are frame 0, x in {0, 1}; v does not enter probabilities
+    (g_q, g_k) = torch.autograd.grad(aff[0, 0, 0, 1, 0, 1], (q, k))
+    # by hand: the query's 6 keys in flat (t, x) order, the eligible ones being the first two
+    probs = torch.softmax(k[0, 0].reshape(-1, 4) @ q[0, 0, 1, 0, 1], 0)
+    winner = probs[:2].max()
+    assert torch.allclose(aff[0, 0, 0, 1, 0, 1], winner)
+    e_q, e_k = torch.autograd.grad(winner, (q, k))
+    torch.testing.assert_close(g_q, e_q)
+    torch.testing.assert_close(g_k, e_k)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [Pattern.grid(causal=True), Pattern.grid(), Pattern.local((3, 3, 1)), Pattern.local((3, 1, 3), "shift", True),
+     Pattern.strided((1, 2, 1)), Pattern.strided((2, 1, 2), causal=True)],
+    ids=_id,
+)
+def test_gradcheck_float64_through_out_and_affinity(pattern):
+    torch.manual_seed(3)
+    shape = (1, 1, 3, 2, 3, 2)
+    q, k, v = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    labels = torch.randint(-1, 2, (1, 3, 2, 3))
+    causal_affinity = not pattern.causal
+
+    def fn(q, k, v):
+        out, aff = torch_path.sparse_attention(q, k, v, pattern, 0.9, labels, 2, causal_affinity)
+        return out, aff
+
+    assert fn(q, k, v)[1].dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch_path.sparse_attention(q, k, v, pattern, 0.9), (q, k, v), fast_mode=True
+    )
