@@ -83,8 +83,8 @@ def _json_value(text: str) -> Any:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"attn": args.attn}
-    for name, key in (("dim", "dim"), ("layers", "num_layers"), ("heads", "num_heads")):
+    kwargs: dict[str, Any] = {"attn": args.attn, "tau": args.tau}
+    for name, key in (("dim", "dim"), ("layers", "depth"), ("heads", "heads")):
         if getattr(args, name) is not None:
             kwargs[key] = getattr(args, name)
     for item in args.model_arg:
@@ -129,8 +129,9 @@ def step_rng(seed: int, step: int, rank: int, stream: int) -> np.random.Generato
 
 
 def make_batch(source, batch_size: int, frames: int, max_objects: int, seed: int, step: int, rank: int):
-    """A padded batch: video ``(B, T, 3, S, S)``, labels ``(B, T, S, S)``, ``O`` (with background),
-    and ``valid`` ``(B, O)`` marking each sample's objects."""
+    """A batch: video ``(B, T, 3, S, S)``, labels ``(B, T, S, S)``, the object count of each
+    sample with the background ``(B,)``, and ``valid`` ``(B, O)`` marking each sample's objects
+    (``O`` the largest count)."""
     videos, labels, counts = [], [], []
     for i in range(batch_size):
         video, lab = source.sample(step_rng(seed, step, rank, 1000 + i))
@@ -138,9 +139,9 @@ def make_batch(source, batch_size: int, frames: int, max_objects: int, seed: int
         videos.append(video)
         labels.append(lab)
         counts.append(k)
-    num_objects = 1 + max(counts)
-    valid = torch.arange(num_objects)[None, :] <= torch.tensor(counts)[:, None]
-    return torch.stack(videos), torch.stack(labels), num_objects, valid
+    counts = torch.tensor(counts)
+    valid = torch.arange(1 + int(counts.max()))[None, :] <= counts[:, None]
+    return torch.stack(videos), torch.stack(labels), counts + 1, valid
 
 
 def lr_lambda(warmup: int, total: int):

@@ -122,13 +122,16 @@ def _image_texture(rng: np.random.Generator, files: Sequence[Path], size: int) -
 
 
 def _scene(video_id: int, max_objects: int, textures: Optional[Sequence[Path]]) -> _Scene:
-    rng = np.random.default_rng(video_id)
+    words = [video_id & 0xFFFFFFFF, video_id >> 32]
+    # separate streams: textures from a folder change the look of a video, never its motion
+    rng = np.random.default_rng(words + [0])
+    tex_rng = np.random.default_rng(words + [1])
     n = int(rng.integers(1, max_objects + 1))
 
     def texture(size: int, contrast: float) -> np.ndarray:
         if textures:
-            return _image_texture(rng, textures, size)
-        return _procedural_texture(rng, size, contrast)
+            return _image_texture(tex_rng, textures, size)
+        return _procedural_texture(tex_rng, size, contrast)
 
     objects = []
     for _ in range(n):
@@ -218,7 +221,7 @@ def render_video(
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     scene = _scene(int(video_id), max_objects, texture_files)
-    noise_rng = np.random.default_rng([int(video_id) & 0xFFFFFFFF, int(video_id) >> 32, start, frame_step, 7])
+    noise_rng = np.random.default_rng([int(video_id) & 0xFFFFFFFF, int(video_id) >> 32, 2, start, frame_step])
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     scale = min(height, width)
     bg_per_px = BACKGROUND_TEXTURE / (2.0 * max(height, width))
