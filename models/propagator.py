@@ -1,0 +1,260 @@
+"""Streaming propagation of object masks through a video of any length at constant memory.
+
+Each frame is segmented from a buffer of at most ``tau`` earlier frames (their cached
+embeddings and predicted labels at feature resolution), then joins the buffer. Objects
+can be added at any frame (the YouTube-VOS protocol) and removed.
+"""
+from __future__ import annotations
+
+import numbers
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .sst import SST, downsample_labels
+
+MaskLike = Union[torch.Tensor, np.ndarray]
+Annotation = Union[MaskLike, tuple]
+
+
+@dataclass
+class _Entry:
+    """One buffered frame: what the encoder needs of it, nothing at input resolution."""
+
+    index: int
+    embedding: torch.Tensor  # (dim, h, w)
+    labels: torch.Tensor  # (h, w) long: 0 background, i + 1 = objects[i], -1 unknown
+
+
+class Propagator:
+    """Segments a video frame by frame with an :class:`SST` model.
+
+    The buffer holds the ``tau`` most recent frames; with ``keep_first`` the first
+    annotated frame stays in it for the whole video and takes one of the ``tau`` slots, so
+    the encoder always sees at most ``tau + 1`` frames, as in training. Memory is therefore
+    bounded by ``tau`` whatever the length of the video.
+
+    Output channel ``0`` is the background and channel ``i + 1`` the object
+    ``objects[i]`` (user ids, in the order they were added).
+
+    Args:
+        model: a trained :class:`SST` (put in eval mode).
+        tau: buffer length; ``None`` takes the model's ``tau``.
+        keep_first: keep the first annotated frame in the buffer.
+    """
+
+    def __init__(self, model: SST, tau: Optional[int] = None, keep_first: bool = True) -> None:
+        if not isinstance(model, SST):
+            raise TypeError(f"model must be an SST, got {type(model).__name__}")
+        tau = model.tau if tau is None else tau
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Integral) or tau < 1:
+            raise ValueError(f"tau must be an int >= 1, got {tau!r}")
+        self.model = model.eval()
+        self.tau = int(tau)
+        self.keep_first = bool(keep_first)
+        self.reset()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the video: buffer, objects and frame size."""
+        self.objects: list[int] = []
+        self._first: Optional[_Entry] = None
+        self._recent: deque[_Entry] = deque(maxlen=self.tau - 1 if self.keep_first else self.tau)
+        self._size: Optional[tuple[int, int]] = None
+        self._index = 0
+
+    @property
+    def buffer(self) -> list[_Entry]:
+        """The frames the next step attends to, oldest first (at most ``tau``)."""
+        return ([self._first] if self._first is not None else []) + list(self._recent)
+
+    def buffer_bytes(self) -> int:
+        """Bytes held by the buffer's tensors."""
+        return sum(t.numel() * t.element_size() for e in self.buffer for t in (e.embedding, e.labels))
+
+    def remove(self, *object_ids: int) -> None:
+        """Stop tracking objects: their pixels become background in the buffer."""
+        for obj in object_ids:
+            if obj not in self.objects:
+                raise ValueError(f"object {obj!r} is not tracked (tracked: {self.objects})")
+            channel = self.objects.index(obj) + 1
+            for entry in self.buffer:
+                labels = entry.labels
+                entry.labels = torch.where(labels == channel, 0, torch.where(labels > channel, labels - 1, labels))
+            self.objects.remove(obj)
+
+    # -- one frame --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(
+        self,
+        frame: torch.Tensor,
+        mask: Optional[MaskLike] = None,
+        objects: Optional[Iterable[int]] = None,
+    ) -> torch.Tensor:
+        """Segment the next frame.
+
+        Args:
+            frame: ``(3, H, W)`` float in ``[0, 1]`` (or uint8 in ``[0, 255]``); every frame of a
+                video has the same size.
+            mask: optional ``(H, W)`` integer object ids of this frame (0 = background). Its
+                objects are added (new ids) or re-annotated (known ids): their pixels are
+                taken from the mask instead of the prediction.
+            objects: which ids of ``mask`` to take; ``None`` takes every non-zero id in it
+                (so a YouTube-VOS mask that holds only the new objects works as it is).
+
+        Returns:
+            probabilities ``(1 + len(objects), H, W)`` float32, background first, then
+            :attr:`objects` in order; they sum to 1 over channels.
+        """
+        image = self._check_frame(frame)
+        annotated = self._check_mask(mask, objects, image.shape[-2:])
+        if not self.objects and not annotated:
+            raise ValueError(
+                "no object to segment yet: pass mask= (and optionally objects=) with the first annotated frame"
+            )
+        model = self.model
+        device = next(model.parameters()).device
+        H, W = image.shape[-2:]
+        Hp, Wp = model.pad_size(H, W)
+        padded = F.pad(image[None].to(device), (0, Wp - W, 0, Hp - H), mode="replicate")
+        embedding, skips = model.extract(padded)  # the frame's only backbone pass
+
+        buffer = self.buffer
+        K = len(self.objects)
+        if K and buffer:
+            embeddings = torch.stack([e.embedding for e in buffer] + [embedding[0]], dim=1)[None]
+            labels = torch.stack([e.labels for e in buffer] + [torch.full_like(buffer[0].labels, -1)])[None]
+            logits = model.segment(embeddings, labels, skips, K + 1, (Hp, Wp))[0, :, :H, :W]
+            probs = logits.float().softmax(dim=0)
+        else:
+            # nothing to propagate from: only the annotation says where objects are
+            probs = torch.zeros(K + 1, H, W, device=device)
+            probs[0] = 1.0
+        probs = self._apply_annotation(probs, annotated)
+
+        labels = F.pad(probs.argmax(dim=0), (0, Wp - W, 0, Hp - H), value=-1)
+        feature_labels = downsample_labels(labels[None, None], model.stride, len(self.objects) + 1)[0, 0]
+        entry = _Entry(self._index, embedding[0], feature_labels)
+        if self.keep_first and self._first is None:
+            self._first = entry
+        else:
+            self._recent.append(entry)
+        self._index += 1
+        return probs
+
+    def _apply_annotation(self, probs: torch.Tensor, annotated: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Add new objects' channels and overwrite annotated objects' pixels with the mask."""
+        new = [obj for obj in annotated if obj not in self.objects]
+        if new:
+            probs = torch.cat([probs, probs.new_zeros(len(new), *probs.shape[1:])])
+            self.objects.extend(new)
+        for obj, pixels in annotated.items():
+            channel = self.objects.index(obj) + 1
+            pixels = pixels.to(probs.device)
+            # a re-annotated object is exactly its mask: drop its prediction elsewhere
+            probs[channel] = 0.0
+            probs[:, pixels] = 0.0
+            probs[channel, pixels] = 1.0
+        if annotated:
+            total = probs.sum(dim=0, keepdim=True)
+            probs[0] = torch.where(total[0] == 0, 1.0, probs[0])
+            probs = probs / probs.sum(dim=0, keepdim=True)
+        return probs
+
+    def _check_frame(self, frame) -> torch.Tensor:
+        if not isinstance(frame, torch.Tensor):
+            raise TypeError(f"frame must be a tensor (3, H, W), got {type(frame).__name__}")
+        if frame.dim() != 3 or frame.shape[0] != 3:
+            raise ValueError(f"frame must have shape (3, H, W), got {tuple(frame.shape)}")
+        if frame.dtype == torch.uint8:
+            frame = frame.float() / 255.0
+        elif not frame.is_floating_point():
+            raise TypeError(f"frame must be float in [0, 1] or uint8, got {frame.dtype}")
+        size = tuple(frame.shape[-2:])
+        if self._size is None:
+            self._size = size
+        elif size != self._size:
+            raise ValueError(f"frame has size {size} but this video's frames are {self._size}; call reset() first")
+        return frame.float()
+
+    def _check_mask(self, mask, objects, size) -> dict[int, torch.Tensor]:
+        """``{object id: (H, W) bool pixels}`` of the annotation, after checking it."""
+        if mask is None:
+            if objects is not None:
+                raise ValueError("objects were given without a mask: pass mask=(H, W) object ids too")
+            return {}
+        if isinstance(mask, np.ndarray):
+            mask = torch.from_numpy(np.ascontiguousarray(mask))
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be an integer tensor or array (H, W), got {type(mask).__name__}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
+            raise TypeError(f"mask must hold integer object ids, got dtype {mask.dtype}")
+        if tuple(mask.shape) != tuple(size):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the frame is {tuple(size)} (H, W)")
+        mask = mask.long()
+        if mask.numel() and int(mask.min()) < 0:
+            raise ValueError(f"mask ids must be >= 0 (0 = background), got {int(mask.min())}")
+        present = [int(v) for v in torch.unique(mask).tolist() if v != 0]
+        if objects is None:
+            ids = present
+        else:
+            if isinstance(objects, numbers.Integral):
+                objects = [objects]
+            ids = []
+            for obj in objects:
+                if isinstance(obj, bool) or not isinstance(obj, numbers.Integral) or obj < 1:
+                    raise ValueError(f"objects must be positive int ids (0 is the background), got {obj!r}")
+                if int(obj) not in present:
+                    raise ValueError(f"object {int(obj)} has no pixel in mask (ids in mask: {present})")
+                ids.append(int(obj))
+        return {obj: mask == obj for obj in ids}
+
+    # -- a whole video ----------------------------------------------------------------------
+
+    def iter_video(
+        self, frames: Iterable[torch.Tensor], annotations: Mapping[int, Annotation]
+    ) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """Stream a video: one ``(probabilities (1 + K, H, W), object ids)`` per frame.
+
+        Args:
+            frames: ``(3, H, W)`` frames (a ``(T, 3, H, W)`` tensor, a list, a generator...).
+            annotations: frame index -> mask ``(H, W)``, or ``(mask, objects)``; the first
+                annotated frame must come before any frame that is to be segmented.
+                Frames before it give empty (all background) results.
+        """
+        self.reset()
+        for t, frame in enumerate(frames):
+            mask, objects = _split_annotation(annotations.get(t))
+            if not self.objects and mask is None:
+                # nothing to track yet: the frame is background
+                self._check_frame(frame)
+                yield torch.ones(1, *frame.shape[-2:]), []
+                continue
+            yield self.step(frame, mask, objects), list(self.objects)
+
+    def segment_video(self, frames: Iterable[torch.Tensor], annotations: Mapping[int, Annotation]) -> torch.Tensor:
+        """Object ids of every frame, ``(T, H, W)`` long (0 = background)."""
+        out = []
+        for probs, objects in self.iter_video(frames, annotations):
+            ids = torch.tensor([0] + objects, dtype=torch.long)
+            out.append(ids[probs.argmax(dim=0).cpu()])
+        return torch.stack(out)
+
+
+def _split_annotation(annotation) -> tuple[Optional[MaskLike], Optional[Sequence[int]]]:
+    if annotation is None:
+        return None, None
+    if isinstance(annotation, tuple):
+        if len(annotation) != 2:
+            raise ValueError("an annotation must be a mask or a (mask, objects) pair")
+        return annotation
+    return annotation, None
+
+
+__all__ = ["Propagator"]

@@ -1,0 +1,157 @@
+"""Streaming propagation: buffer contents, objects added mid-way and removed, constant memory, errors."""
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from models import SST, Propagator
+
+H, W = 30, 34  # no multiple of the stride: padded and cropped inside
+
+
+def moving_squares(T=30, seed=0):
+    """``(T, 3, H, W)`` frames and ``(T, H, W)`` ids: square 1 moves right from frame 0,
+    square 2 enters at frame 10 and moves down."""
+    g = torch.Generator().manual_seed(seed)
+    background = torch.rand(3, H, W, generator=g) * 0.3
+    frames = background.expand(T, 3, H, W).clone()
+    masks = torch.zeros(T, H, W, dtype=torch.long)
+    for t in range(T):
+        x = t % (W - 8)
+        masks[t, 4:12, x:x + 8] = 1
+        if t >= 10:
+            y = (t - 10) % (H - 8)
+            masks[t, y:y + 8, 20:28] = 2
+    frames[:, 0][masks == 1] = 0.9
+    frames[:, 2][masks == 2] = 0.9
+    return frames, masks
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SST(attn="local").eval()
+
+
+def test_thirty_frames_object_added_at_frame_ten_constant_memory(model):
+    frames, masks = moving_squares()
+    prop = Propagator(model, tau=3)
+    yv_mask = torch.where(masks[10] == 2, 2, 0)  # YouTube-VOS: the new object's mask only
+    sizes, tensors = [], []
+    for t in range(30):
+        if t == 0:
+            probs = prop.step(frames[t], torch.where(masks[0] == 1, 1, 0))
+        elif t == 10:
+            probs = prop.step(frames[t], yv_mask, objects=[2])
+        else:
+            probs = prop.step(frames[t])
+        K = 1 if t < 10 else 2
+        assert probs.shape == (K + 1, H, W)
+        assert prop.objects == ([1] if t < 10 else [1, 2])
+        torch.testing.assert_close(probs.sum(dim=0), torch.ones(H, W))
+        assert len(prop.buffer) == min(t + 1, 3)
+        if t == 0:
+            assert torch.equal(probs.argmax(0), masks[0])
+        if t == 10:
+            # the annotation wins over the prediction on its pixels
+            assert bool((probs[2][masks[10] == 2] == 1).all())
+            assert bool((probs[2][masks[10] != 2] == 0).all())
+        if t >= 12:
+            sizes.append(prop.buffer_bytes())
+        if t in (12, 29):
+            del probs
+            gc.collect()
+            # type(), not isinstance: some module objects warn when their class is asked
+            tensors.append(sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor)))
+    # keep_first: the first frame stays, then the most recent ones
+    assert [e.index for e in prop.buffer] == [0, 28, 29]
+    # memory does not grow with the length of the video
+    assert len(set(sizes)) == 1, sizes
+    assert len(set(tensors)) == 1, tensors
+
+
+def test_step_matches_the_model_on_the_buffer(model):
+    # an independent path: the model's own forward on the frames the buffer should hold,
+    # with the labels the propagator predicted for them
+    frames, masks = moving_squares(T=8)
+    prop = Propagator(model, tau=3, keep_first=True)
+    predicted, outputs = [], []
+    for t in range(8):
+        probs = prop.step(frames[t], masks[0] if t == 0 else None)
+        predicted.append(probs.argmax(0))
+        outputs.append(probs)
+    for t in (1, 2, 5, 7):
+        ref = [0] + list(range(max(1, t - 2), t))
+        video = frames[ref + [t]][None]
+        labels = torch.stack([predicted[i] for i in ref])[None]
+        with torch.no_grad():
+            expected = model(video, labels, num_objects=2)[0].softmax(0)
+        torch.testing.assert_close(outputs[t], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_without_keep_first_the_buffer_slides(model):
+    frames, masks = moving_squares(T=6)
+    prop = Propagator(model, tau=2, keep_first=False)
+    for t in range(6):
+        prop.step(frames[t], masks[0] if t == 0 else None)
+    assert [e.index for e in prop.buffer] == [4, 5]
+
+
+def test_remove_an_object(model):
+    frames, masks = moving_squares(T=11)
+    prop = Propagator(model, tau=3)
+    prop.step(frames[0], masks[0])
+    prop.step(frames[1], masks[10], objects=[2])
+    prop.step(frames[2])
+    prop.remove(1)
+    assert prop.objects == [2]
+    # the removed object's cells are background now; object 2 moved to channel 1
+    assert all(int(e.labels.max()) <= 1 for e in prop.buffer)
+    assert bool((prop.buffer[1].labels == 1).any())
+    probs = prop.step(frames[3])
+    assert probs.shape == (2, H, W)
+    with pytest.raises(ValueError, match="not tracked"):
+        prop.remove(1)
+
+
+def test_segment_video_helper(model):
+    frames, masks = moving_squares(T=11)
+    frames = frames[[0, 1, 2, 3, 10]]
+    annotations = {1: masks[1].numpy().astype(np.uint8), 3: (masks[10], [2])}
+    ids = Propagator(model, tau=3).segment_video(frames, annotations)
+    assert ids.shape == (5, H, W) and ids.dtype == torch.long
+    assert bool((ids[0] == 0).all())  # before the first annotation: background
+    assert torch.equal(ids[1], masks[1])
+    assert bool((ids[3][masks[10] == 2] == 2).all())
+    assert set(ids.unique().tolist()) <= {0, 1, 2}
+
+
+def test_errors(model):
+    frames, masks = moving_squares(T=3)
+    prop = Propagator(model)
+    with pytest.raises(ValueError, match="no object"):
+        prop.step(frames[0])
+    with pytest.raises(ValueError, match="mask has shape"):
+        prop.step(frames[0], masks[0][:, :-1])
+    with pytest.raises(TypeError, match="integer"):
+        prop.step(frames[0], masks[0].float())
+    with pytest.raises(ValueError, match=">= 0"):
+        prop.step(frames[0], masks[0] - 1)
+    with pytest.raises(ValueError, match="object 3"):
+        prop.step(frames[0], masks[0], objects=[3])
+    with pytest.raises(ValueError, match="positive"):
+        prop.step(frames[0], masks[0], objects=[0])
+    with pytest.raises(ValueError, match="without a mask"):
+        prop.step(frames[0], objects=[1])
+    with pytest.raises(ValueError, match=r"frame must have shape"):
+        prop.step(frames[0][:2], masks[0])
+    prop.step(frames[0], masks[0])
+    with pytest.raises(ValueError, match="size"):
+        prop.step(frames[1][:, :-2])
+    with pytest.raises(ValueError, match="tau"):
+        Propagator(model, tau=0)
+    with pytest.raises(TypeError, match="SST"):
+        Propagator(torch.nn.Linear(2, 2))
