@@ -309,7 +309,7 @@ class Video:
     Attributes:
         name: sequence name.
         frame_names: ``T`` frame names (output file stems).
-        load: returns ``(frames (T, H, W, 3) uint8, masks)``, masks a list of ``T`` ``(H, W)``
+        load: returns ``(frames (T, H, W, 3) uint8 or float in [0, 1], masks)``, masks a list of ``T`` ``(H, W)``
             id arrays or ``None`` where a frame has no annotation.
         first_frames: object id -> frame that gives it (YouTube-VOS); empty: every object of
             the first frame's mask is given on frame 0 (DAVIS).
@@ -323,18 +323,26 @@ class Video:
     youtube: bool = False
 
 
-def synthetic_videos(count: int, num_frames: int, size: int) -> list[Video]:
-    """The fixed synthetic validation videos (the ones train.py scores)."""
+def synthetic_videos(count: int, num_frames: int, size: int, max_objects: int = 3,
+                     texture_dir: Optional[str] = None) -> list[Video]:
+    """The fixed synthetic validation videos (the ones train.py scores), frames as float32 in [0, 1]."""
     from einops import rearrange
 
-    from models.synthetic import validation_videos
+    from models.synthetic import list_texture_images, validation_videos
 
+    textures = list_texture_images(texture_dir) if texture_dir else None
     out = []
-    for name, video, labels in validation_videos(count=count, num_frames=num_frames, height=size, width=size):
-        frames = (rearrange(video, "t c h w -> t h w c").numpy() * 255).round().astype(np.uint8)
+    for name, video, labels in validation_videos(count, num_frames, size, size, max_objects, textures):
+        frames = rearrange(video, "t c h w -> t h w c").numpy()
         masks = [m for m in labels.numpy().astype(np.uint8)]
         out.append(Video(name, [f"{t:05d}" for t in range(len(masks))], lambda f=frames, m=masks: (f, m)))
     return out
+
+
+def _as_uint8(frames: np.ndarray) -> np.ndarray:
+    if frames.dtype == np.uint8:
+        return frames
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def dataset_videos(root: str | os.PathLike, split: Optional[str], sequences: Optional[Sequence[str]]) -> list[Video]:
@@ -396,11 +404,12 @@ def copy_first_frame(frames: np.ndarray, given: Mapping[int, np.ndarray]) -> np.
 
 
 class ModelSegmenter:
-    """Segments a video with a trained SST through the streaming propagator.
+    """Segments a video with a trained SST through the streaming propagator
+    (:meth:`models.Propagator.segment_video`: one frame at a time, memory bounded by tau).
 
     Args:
         checkpoint: a checkpoint written by train.py.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto") -> None:
@@ -408,37 +417,24 @@ class ModelSegmenter:
 
         from models.checkpoint import load_model
 
-        self.torch = torch
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.model, self.config = load_model(checkpoint, map_location="cpu")
         self.model.to(self.device)
+        self.tau = int(self.config.get("tau", self.model.tau))
 
     def __call__(self, frames: np.ndarray, given: Mapping[int, np.ndarray]) -> np.ndarray:
+        import torch
         from einops import rearrange
 
         from models import Propagator
 
-        torch = self.torch
-        tau = int(self.config.get("model", {}).get("tau", getattr(self.model, "tau", 3)))
-        prop = Propagator(self.model, tau=tau)
-        out = np.zeros(frames.shape[:3], dtype=np.uint8)
-        objects: list[int] = []
-        with torch.inference_mode():
-            for t in range(len(frames)):
-                frame = torch.from_numpy(rearrange(frames[t], "h w c -> c h w").copy()).float().div_(255).to(self.device)
-                if t in given:
-                    new = [int(i) for i in np.unique(given[t]) if i > 0]
-                    mask = torch.from_numpy(given[t].astype(np.int64)).to(self.device)
-                    probs = prop.step(frame, mask=mask, objects=new)
-                    objects += [o for o in new if o not in objects]
-                else:
-                    probs = prop.step(frame)
-                lut = np.asarray([0] + objects, dtype=np.uint8)
-                out[t] = lut[probs.argmax(0).cpu().numpy()]
-                if t in given:  # the given masks are the answer on their own frames
-                    out[t] = np.where(given[t] > 0, given[t], out[t])
-        return out
+        prop = Propagator(self.model, tau=self.tau, keep_first=True)
+        # uint8 frames are scaled by the propagator; synthetic frames come as floats in [0, 1]
+        stream = (torch.from_numpy(np.ascontiguousarray(rearrange(f, "h w c -> c h w"))).to(self.device) for f in frames)
+        annotations = {t: torch.from_numpy(m.astype(np.int64)) for t, m in given.items()}
+        return prop.segment_video(stream, annotations).numpy().astype(np.uint8)
 
 
 def _peak_memory_mib(device: Optional[str]) -> tuple[str, float]:
@@ -490,7 +486,7 @@ def run_dataset(
         for name, m in zip(video.frame_names, pred):
             write_mask(mask_dir / f"{name}.png", m)
         if overlays:
-            blended = [overlay(f, m) for f, m in zip(frames, pred)]
+            blended = [overlay(f, m) for f, m in zip(_as_uint8(frames), pred)]
             for name, img in zip(video.frame_names, blended):
                 save_image(out_dir / "overlays" / video.name / f"{name}.jpg", img)
             save_gif(out_dir / "overlays" / f"{video.name}.gif", blended, fps=gif_fps)
@@ -537,9 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="model device: auto, cpu, cuda")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay frames and GIFs")
     p.add_argument("--gif-fps", type=float, default=10.0, help="frames per second of the GIFs")
-    p.add_argument("--synthetic-videos", type=int, default=16, help="synthetic validation videos")
-    p.add_argument("--synthetic-frames", type=int, default=30, help="frames per synthetic video")
-    p.add_argument("--synthetic-size", type=int, default=64, help="height = width of synthetic videos")
+    p.add_argument("--synthetic-videos", type=int, default=None,
+                   help="synthetic validation videos (default: the checkpoint's, else 16)")
+    p.add_argument("--synthetic-frames", type=int, default=None,
+                   help="frames per synthetic video (default: the checkpoint's, else 30)")
+    p.add_argument("--synthetic-size", type=int, default=None,
+                   help="height = width of synthetic videos (default: the checkpoint's crop, else 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -586,8 +585,22 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: str, s
 
         if not args.data:
             parser.error(f"--{mode} needs --data synthetic|DIR")
+        segmenter = ModelSegmenter(args.checkpoint, args.device) if args.checkpoint else copy_first_frame
         if args.data == "synthetic":
-            videos = synthetic_videos(args.synthetic_videos, args.synthetic_frames, args.synthetic_size)
+            # by default the videos train.py validated on, so that the numbers are comparable
+            cfg = getattr(segmenter, "config", {})
+            ev, data = cfg.get("eval", {}), cfg.get("data", {})
+            settings = {
+                "count": ev.get("videos", 16) if args.synthetic_videos is None else args.synthetic_videos,
+                "num_frames": ev.get("frames", 30) if args.synthetic_frames is None else args.synthetic_frames,
+                "size": data.get("crop", 64) if args.synthetic_size is None else args.synthetic_size,
+                "max_objects": data.get("max_objects", 3),
+                "texture_dir": data.get("texture_dir"),
+            }
+            for key in ("count", "num_frames", "size"):
+                if settings[key] < 1 or (key == "num_frames" and settings[key] < 3):
+                    parser.error(f"synthetic {key} must be >= {3 if key == 'num_frames' else 1}, got {settings[key]}")
+            videos = synthetic_videos(**settings)
             data_name = "synthetic"
         else:
             videos = dataset_videos(args.data, args.split, args.sequences)
@@ -601,11 +614,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: str, s
 
         device = None
         if args.checkpoint:
-            segmenter = ModelSegmenter(args.checkpoint, args.device)
             device = segmenter.device.type
-            what = f"{Path(args.checkpoint).stem}-{data_name}"
+            what = f"{Path(args.checkpoint).parent.name or Path(args.checkpoint).stem}-{data_name}"
         else:
-            segmenter = copy_first_frame
             what = f"baseline-copy-{data_name}"
         out_dir, json_path = _output_paths(args.out, Path("runs") / f"eval-{what}")
         results, scored, speed = run_dataset(videos, segmenter, out_dir, overlays=not args.no_overlays,

@@ -231,3 +231,35 @@ def test_command_line_mistakes(tmp_path, capsys):
         evaluate.main(["--predictions", str(tmp_path), "--baseline", "copy", "--data", "synthetic"])
     rc, _, err = run(["--predictions", tmp_path / "nope", "--ground-truth", tmp_path], capsys)
     assert rc == 2 and "--ground-truth" in err
+
+
+def test_checkpoint_through_the_propagator(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from models import SST
+    from models.checkpoint import save_checkpoint
+    from models.synthetic import validation_videos
+
+    model = SST(dim=16, depth=1, heads=2, decoder_dim=8, backbone_width=8, attn="local")
+    config = {"model": model.config, "tau": 2, "data": {"crop": 32, "max_objects": 2, "texture_dir": None},
+              "eval": {"videos": 1, "frames": 4}}
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", {"model": model.state_dict(), "config": config})
+    out = tmp_path / "eval"
+    rc, stdout, _ = run(["--checkpoint", tmp_path / "run" / "ckpt.pt", "--data", "synthetic", "--out", out,
+                         "--device", "cpu"], capsys)
+    assert rc == 0 and "frames/s" in stdout
+    # the checkpoint's own validation settings were used: one 4-frame 32x32 video
+    (name, video, labels), = validation_videos(1, 4, 32, 32, 2)
+    pred = np.stack([read_mask(out / "masks" / name / f"{t:05d}.png") for t in range(4)])
+    assert pred.shape == (4, 32, 32)
+    np.testing.assert_array_equal(pred[0], labels[0].numpy())  # the given mask on its own frame
+    assert set(np.unique(pred)) <= set(np.unique(labels[0].numpy()))
+    res = json.loads((out / "results.json").read_text())
+    direct = evaluate_sequences({name: pred}, {name: labels.numpy().astype(np.uint8)})
+    assert res["global"] == pytest.approx(direct["global"])
+    assert res["per_object"].keys() == direct["per_object"].keys()
+    for key, stats in direct["per_object"].items():
+        assert res["per_object"][key] == pytest.approx(stats)
+    with Image.open(out / "overlays" / f"{name}.gif") as gif:
+        assert gif.n_frames == 4
+    speed = json.loads((out / "speed.json").read_text())
+    assert speed["frames"] == 4 and speed["device"] == "cpu"
