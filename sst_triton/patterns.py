@@ -17,6 +17,12 @@ Kind = Literal["grid", "local", "strided"]
 Boundary = Literal["clip", "shift"]
 
 
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def as_triple(value: IntOr3, name: str) -> tuple[int, int, int]:
     """``7 -> (7, 7, 7)``; a length-3 sequence of ints passes through."""
     if isinstance(value, bool):
@@ -52,7 +58,7 @@ class Pattern:
 
     @staticmethod
     def grid(causal: bool = False) -> "Pattern":
-        return Pattern("grid", causal=causal)
+        return Pattern("grid", causal=_check_flag(causal, "causal"))
 
     @staticmethod
     def local(kernel_size: IntOr3, boundary: Boundary = "clip", causal: bool = False) -> "Pattern":
@@ -61,14 +67,14 @@ class Pattern:
             raise ValueError(f"kernel_size must be odd and >= 1 along every axis, got {ks}")
         if boundary not in ("clip", "shift"):
             raise ValueError(f"boundary must be 'clip' or 'shift', got {boundary!r}")
-        return Pattern("local", kernel_size=ks, boundary=boundary, causal=causal)
+        return Pattern("local", kernel_size=ks, boundary=boundary, causal=_check_flag(causal, "causal"))
 
     @staticmethod
     def strided(stride: IntOr3, causal: bool = False) -> "Pattern":
         st = as_triple(stride, "stride")
         if any(s < 1 for s in st):
             raise ValueError(f"stride must be >= 1 along every axis, got {st}")
-        return Pattern("strided", stride=st, causal=causal)
+        return Pattern("strided", stride=st, causal=_check_flag(causal, "causal"))
 
     def max_keys(self, T: int, H: int, W: int) -> int:
         """Upper bound of ``|I_p|`` over all queries."""
