@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -157,9 +158,11 @@ def lr_lambda(warmup: int, total: int):
 
 
 def rng_states() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        # tensors and plain numbers only, so that the checkpoint loads with weights_only=True
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -169,8 +172,9 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -212,10 +216,11 @@ def propagate(model: torch.nn.Module, video: torch.Tensor, first: torch.Tensor, 
     objects = [int(o) for o in torch.unique(first) if o > 0]
     prop = Propagator(model, tau=tau, keep_first=True)
     preds = [first.to(torch.uint8)]
-    prop.step(video[0].to(device), mask=first.to(device), objects=objects)
+    prop.step(video[0].to(device), mask=first, objects=objects)
+    ids = torch.tensor([0] + prop.objects, dtype=torch.uint8)  # channel -> object id
     for t in range(1, video.shape[0]):
-        probs = prop.step(video[t].to(device))  # (O, H, W), background first
-        preds.append(probs.argmax(0).to(torch.uint8).cpu())
+        probs = prop.step(video[t].to(device))  # (1 + K, H, W), background first
+        preds.append(ids[probs.argmax(0).cpu()])
     return torch.stack(preds)
 
 
@@ -265,7 +270,10 @@ def evaluate_synthetic(model: torch.nn.Module, config: dict[str, Any], out: Path
             if i < ev["overlays"]:
                 save_overlays(out / "overlays" / f"{name}.png", video, labels, torch.from_numpy(preds[name]))
     seconds = time.perf_counter() - tic
-    ours, base = evaluate_sequences(preds, truth), evaluate_sequences(copies, truth)
+    with warnings.catch_warnings():
+        # an object the model loses for the whole video is scored as empty: expected, not news
+        warnings.simplefilter("ignore", UserWarning)
+        ours, base = evaluate_sequences(preds, truth), evaluate_sequences(copies, truth)
 
     def summary(res: dict) -> dict[str, float]:
         g = res["global"]
@@ -311,6 +319,10 @@ def train(args: argparse.Namespace) -> Path:
 
     state = None
     if args.resume:
+        if rank == 0:
+            # temp files of a checkpoint write that a kill interrupted: never read, just litter
+            for stale in out.glob(f".{ckpt_path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         if ckpt_path.is_file():
             state = load_checkpoint(ckpt_path)
         elif rank == 0:

@@ -240,6 +240,8 @@ class SyntheticClips:
         max_objects: objects per video, at most.
         max_frame_step: frames of a clip are this many time steps apart at most.
         texture_dir: folder of images to texture the videos with (optional).
+        first_far: fraction of clips whose first frame is further back in time.
+        max_first_gap: how much further back, at most (frames).
     """
 
     def __init__(
@@ -249,22 +251,27 @@ class SyntheticClips:
         max_objects: int = 3,
         max_frame_step: int = 2,
         texture_dir: Optional[str] = None,
+        first_far: float = 0.5,
+        max_first_gap: int = 20,
     ) -> None:
         self.num_frames, self.size, self.max_objects, self.max_frame_step = num_frames, size, max_objects, max_frame_step
+        self.first_far, self.max_first_gap = first_far, max_first_gap
         self.textures = list_texture_images(texture_dir) if texture_dir else None
 
     def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, 3, S, S)`` float in [0, 1] and ``(T, S, S)`` int64 ids."""
         vid = train_video_id(*(int(x) for x in rng.integers(0, 2**31, 3)))
+        step = int(rng.integers(1, self.max_frame_step + 1))
+        start = int(rng.integers(0, 40))
+        times = [start + i * step for i in range(self.num_frames)]
+        if rng.random() < self.first_far:
+            # the propagator keeps the video's first frame in its buffer: train on clips whose
+            # first frame lies further back than the others, as it does at inference
+            gap = int(rng.integers(1, self.max_first_gap + 1))
+            times = [start] + [t + gap for t in times[1:]]
         return render_video(
-            vid,
-            self.num_frames,
-            self.size,
-            self.size,
-            start=int(rng.integers(0, 40)),
-            frame_step=int(rng.integers(1, self.max_frame_step + 1)),
-            max_objects=self.max_objects,
-            texture_files=self.textures,
+            vid, self.num_frames, self.size, self.size,
+            max_objects=self.max_objects, texture_files=self.textures, times=times,
         )
 
 

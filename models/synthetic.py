@@ -201,8 +201,9 @@ def render_video(
     frame_step: int = 1,
     max_objects: int = 3,
     texture_files: Optional[Sequence[Path]] = None,
+    times: Optional[Sequence[int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render frames ``start, start + frame_step, ...`` of video ``video_id``.
+    """Render frames ``start, start + frame_step, ...`` (or the given ``times``) of video ``video_id``.
 
     Args:
         video_id: which video; the same id always gives the same pixels.
@@ -212,6 +213,7 @@ def render_video(
         max_objects: the video has between 1 and this many objects (ids ``1..n``).
         texture_files: image files to texture objects and background with (see
             :func:`list_texture_images`); procedural textures when ``None``.
+        times: the frame times to render, overriding ``num_frames``, ``start`` and ``frame_step``.
 
     Returns:
         ``video`` ``(T, 3, H, W)`` float32 in [0, 1] and ``labels`` ``(T, H, W)`` int64 object ids.
@@ -220,15 +222,21 @@ def render_video(
                              ("frame_step", frame_step, 1), ("max_objects", max_objects, 1), ("start", start, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if times is None:
+        times = [start + i * frame_step for i in range(num_frames)]
+    times = [int(t) for t in times]
+    if not times or min(times) < 0:
+        raise ValueError(f"times must be a non-empty sequence of frame times >= 0, got {times}")
+    num_frames = len(times)
     scene = _scene(int(video_id), max_objects, texture_files)
-    noise_rng = np.random.default_rng([int(video_id) & 0xFFFFFFFF, int(video_id) >> 32, 2, start, frame_step])
+    noise_rng = np.random.default_rng([int(video_id) & 0xFFFFFFFF, int(video_id) >> 32, 2, *times])
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     scale = min(height, width)
     bg_per_px = BACKGROUND_TEXTURE / (2.0 * max(height, width))
     frames = np.empty((num_frames, height, width, 3), np.float32)
     labels = np.zeros((num_frames, height, width), np.int64)
     for i in range(num_frames):
-        t = float(start + i * frame_step)
+        t = float(times[i])
         # camera offset in units of the frame size; objects live in world coordinates
         camera = scene.pan * t + scene.pan_swing * math.sin(scene.pan_freq * t + scene.pan_phase)
         img = _sample(scene.background, (xs + camera[0] * width) * bg_per_px, (ys + camera[1] * height) * bg_per_px)

@@ -1,0 +1,154 @@
+"""train.py end to end with a tiny model: run files, exact resume after SIGKILL, two-process DDP."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from models.checkpoint import load_checkpoint, load_model
+from models.datasets import SyntheticClips
+
+ROOT = Path(__file__).resolve().parents[1]
+# a model small enough that a step takes milliseconds; the pipeline is what is tested
+TINY = [
+    "--dim", "16", "--layers", "1", "--heads", "2",
+    "--model-arg", "backbone_width=8", "--model-arg", "decoder_dim=8",
+    "--crop", "32", "--frames", "3", "--tau", "2", "--batch-size", "2",
+    "--val-videos", "2", "--val-frames", "5", "--overlays", "1", "--threads", "1",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_short_run_writes_config_checkpoint_metrics_and_overlays(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--attn", "strided", "--steps", "3", "--out", str(out), "--ckpt-every", "2", *TINY])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["attn"] == "strided" and config["optim"]["steps"] == 3 and config["world_size"] == 1
+    state = load_checkpoint(out / "ckpt.pt")
+    assert state["step"] == 3 and state["config"] == config
+    model, cfg = load_model(out / "ckpt.pt")
+    assert cfg == config and not model.training
+    assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+    metrics = json.loads((out / "metrics.json").read_text())
+    for entry in (metrics, metrics["baseline"]):
+        assert set(entry) >= {"J&F", "J", "F"}
+        assert 0 <= entry["J"] <= 1 and 0 <= entry["F"] <= 1
+        assert entry["J&F"] == pytest.approx((entry["J"] + entry["F"]) / 2)
+    assert len(list((out / "overlays").glob("*.png"))) == 1
+    # the copy baseline is scored on the same videos, and it is the truth on frame 0 only
+    assert metrics["baseline"]["J&F"] < 1
+    # a finished run directory is never overwritten by accident
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(["--attn", "strided", "--steps", "3", "--out", str(out), *TINY])
+
+
+def test_bad_arguments_are_refused_before_work(tmp_path):
+    with pytest.raises(SystemExit, match="--amp bf16 needs a CUDA device"):
+        train.main(["--amp", "bf16", "--device", "cpu", "--out", str(tmp_path / "a"), *TINY])
+    with pytest.raises(SystemExit, match="--resume needs --out"):
+        train.main(["--resume", *TINY])
+    with pytest.raises(SystemExit, match="--frames must be >= 2"):
+        train.main(["--frames", "1", "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="nowhere is neither"):
+        train.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_data_order_is_a_function_of_seed_step_and_rank():
+    source = SyntheticClips(3, 32)
+    a = train.make_batch(source, 2, 3, 3, seed=0, step=5, rank=0)
+    b = train.make_batch(source, 2, 3, 3, seed=0, step=5, rank=0)
+    other_rank = train.make_batch(source, 2, 3, 3, seed=0, step=5, rank=1)
+    other_step = train.make_batch(source, 2, 3, 3, seed=0, step=6, rank=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], other_rank[0]) and not torch.equal(a[0], other_step[0])
+    video, labels, counts, valid = a
+    assert video.shape == (2, 3, 3, 32, 32) and labels.shape == (2, 3, 32, 32)
+    assert valid.shape == (2, int(counts.max())) and valid.sum(1).tolist() == counts.tolist()
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
+    steps = 20
+    args = ["--attn", "local", "--steps", str(steps), "--ckpt-every", "4", *TINY]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "--out", str(killed)],
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    interrupted_at = load_checkpoint(killed / "ckpt.pt")["step"]  # complete, never half-written
+    assert 0 < interrupted_at < steps and interrupted_at % 4 == 0
+    assert not (killed / "metrics.json").exists()
+
+    resumed = _run([*args, "--out", str(killed), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    clean = _run([*args, "--out", str(tmp_path / "clean")])
+    assert clean.returncode == 0, clean.stderr[-2000:]
+
+    a, b = load_checkpoint(killed / "ckpt.pt"), load_checkpoint(tmp_path / "clean" / "ckpt.pt")
+    assert a["step"] == b["step"] == steps
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key
+    for key, value in b["optimizer"]["state"].items():
+        assert torch.equal(a["optimizer"]["state"][key]["exp_avg"], value["exp_avg"])
+    assert a["scheduler"] == b["scheduler"]
+    scores = [json.loads((d / "metrics.json").read_text()) for d in (killed, tmp_path / "clean")]
+    assert [{k: m[k] for k in ("J&F", "J", "F", "baseline")} for m in scores] == [
+        {k: scores[1][k] for k in ("J&F", "J", "F", "baseline")}
+    ] * 2
+    assert not list(killed.glob(".*.tmp"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        f"--master_port={_free_port()}", str(ROOT / "train.py"),
+        "--attn", "local", "--steps", "3", "--device", "cpu", "--out", str(out), *TINY,
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint(out / "ckpt.pt")
+    assert state["step"] == 3 and state["config"]["world_size"] == 2
+    assert set(json.loads((out / "metrics.json").read_text())) >= {"J&F", "J", "F", "baseline"}
+    # resuming with another number of processes would change the data order: refused
+    again = _run(["--attn", "local", "--steps", "3", "--out", str(out), "--resume", *TINY])
+    assert again.returncode != 0 and "2 process(es)" in again.stderr
