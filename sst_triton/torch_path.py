@@ -81,7 +81,9 @@ def _grid(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity
     if labels is not None:
         # row and column keys lie in the query's own frame, never strictly earlier
         tube_elig = tube_valid & (t_idx[None, :] < t_idx[:, None])[:, None, None] if causal_affinity else tube_valid
-    outs, affs = [], []
+    # outputs are written in place chunk by chunk: no list of chunks and concatenation at the end
+    out = q.new_empty(B, N, T, H, W, D)
+    aff = q.new_empty(B, N, T, H, W, num_objects) if labels is not None else None
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
         qc = q[:, :, :, y0:y1]
@@ -94,27 +96,24 @@ def _grid(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity
         tube = tube.masked_fill(~tube_valid, float("-inf"))
         probs = torch.softmax(torch.cat([row, col, tube], dim=-1) * scale, dim=-1)
         p_row, p_col, p_tube = probs.split([W, H, T], dim=-1)
-        out = (
+        out[:, :, :, y0:y1] = (
             torch.einsum("bntyxw,bntywd->bntyxd", p_row, vc)
             + torch.einsum("bntyxg,bntgxd->bntyxd", p_col, v)
             + torch.einsum("bntyxs,bnsyxd->bntyxd", p_tube, vc)
         )
-        outs.append(out)
         if labels is not None:
             lab = labels[:, :, y0:y1]
             tube_lab = torch.where(tube_elig, rearrange(lab, "b s y x -> b 1 y x s"), -1)
             if causal_affinity:
-                aff = _affinity(p_tube, tube_lab, num_objects)
+                aff[:, :, :, y0:y1] = _affinity(p_tube, tube_lab, num_objects)
             else:
                 row_lab = rearrange(lab, "b t y w -> b t y 1 w").expand(-1, -1, -1, W, -1)
                 col_lab = rearrange(labels, "b t g x -> b t 1 x g").expand(-1, -1, y1 - y0, -1, -1)
                 col_lab = torch.where(col_valid[None], col_lab, -1)
-                aff = _affinity(probs, torch.cat([row_lab, col_lab, tube_lab], dim=-1), num_objects)
-            affs.append(aff)
-    out = torch.cat(outs, dim=3)
+                aff[:, :, :, y0:y1] = _affinity(probs, torch.cat([row_lab, col_lab, tube_lab], dim=-1), num_objects)
     if labels is None:
         return out, None
-    return out, rearrange(torch.cat(affs, dim=3), "b n t h w o -> b n o t h w")
+    return out, rearrange(aff, "b n t h w o -> b n o t h w")
 
 
 # ----------------------------------------------------------------------------- local
@@ -174,8 +173,15 @@ def _local(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinit
         vt = vt & (kt[:, None, :] <= qt[..., None])
     if labels is not None:
         et = vt & (kt[:, None, :] < qt[..., None]) if causal_affinity else vt
-    q_pad = F.pad(q * scale, (0, 0, 0, nx * tx - W, 0, ny * ty - H, 0, nt * tt - T))
-    q_tiles = rearrange(q_pad, "b n (nt tt) (ny ty) (nx tx) d -> b n ny (nt nx) (tt ty tx) d", tt=tt, ty=ty, tx=tx)
+    padded = (nt * tt, ny * ty, nx * tx)
+    # split views (no copy): a tile row of queries is gathered into blocks only when its turn comes
+    split = "b n (nt tt) (ny ty) (nx tx) c -> b n ny nt nx tt ty tx c"
+    q_split = rearrange(_pad_cells(q, padded), split, tt=tt, ty=ty, tx=tx)
+    out = q.new_empty(B, N, *padded, D)
+    out_split = rearrange(out, split, tt=tt, ty=ty, tx=tx)
+    if labels is not None:
+        aff = q.new_empty(B, N, *padded, num_objects)
+        aff_split = rearrange(aff, split, tt=tt, ty=ty, tx=tx)
     # flat key index of every halo: one gather per tile row builds the (tile, halo) blocks
     flat = (kt[:, None, None, :, None, None] * H + ky[None, :, None, None, :, None]) * W + kx[None, None, :, None, None, :]
     flat = rearrange(flat, "nt ny nx ht hy hx -> ny (nt nx ht hy hx)")
@@ -204,31 +210,35 @@ def _local(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinit
                 masks[key] = (m, mask_of(et, j))
         return masks[key]
 
-    outs, affs = [], []
+    untile = "(b n) (nt nx) (tt ty tx) c -> b n nt nx tt ty tx c"
+    dims = dict(b=B, nt=nt, tt=tt, ty=ty)
     for j in range(ny):
-        kh, vh = (rearrange(x.index_select(2, flat[j]), "b n (c m) d -> b n c m d", c=nt * nx) for x in (kf, vf))
+        kh, vh = (rearrange(x.index_select(2, flat[j]), "b n (c m) d -> (b n) c m d", c=nt * nx) for x in (kf, vf))
+        qj = rearrange(q_split[:, :, j], "b n nt nx tt ty tx d -> (b n) (nt nx) (tt ty tx) d") * scale
         if labels is None:
             (bias,) = masks_of(j)
             # 4-D operands and mask (batch-heads, tiles, ...) so that the fused CPU kernel takes them
-            o = F.scaled_dot_product_attention(
-                q_tiles[:, :, j].flatten(0, 1), kh.flatten(0, 1), vh.flatten(0, 1), attn_mask=bias, scale=1.0
-            )
-            outs.append(o.unflatten(0, (B, N)))
+            o = F.scaled_dot_product_attention(qj, kh, vh, attn_mask=bias, scale=1.0)
+            out_split[:, :, j] = rearrange(o, untile, **dims)
             continue
         mask, elig = masks_of(j)
-        probs = _softmax_out(torch.matmul(q_tiles[:, :, j], kh.transpose(-1, -2)), mask)
-        outs.append(torch.matmul(probs, vh))
+        probs = _softmax_out(torch.matmul(qj, kh.transpose(-1, -2)), mask)
+        out_split[:, :, j] = rearrange(torch.matmul(probs, vh), untile, **dims)
         lab = rearrange(lab_flat.index_select(1, flat[j]), "b (c m) -> b c 1 m", c=nt * nx)
-        affs.append(_affinity(probs, torch.where(elig, lab, -1), num_objects))
-
-    def untile(x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(x, "b n ny (nt nx) (tt ty tx) c -> b n (nt tt) (ny ty) (nx tx) c", nt=nt, tt=tt, ty=ty, tx=tx)
-        return x[:, :, :T, :H, :W]
-
-    out = untile(torch.stack(outs, dim=2))
+        a = _affinity(rearrange(probs, "(b n) c q m -> b n c q m", b=B), torch.where(elig, lab, -1), num_objects)
+        aff_split[:, :, j] = rearrange(a, "b n (nt nx) (tt ty tx) o -> b n nt nx tt ty tx o", nt=nt, tt=tt, ty=ty)
+    out = out[:, :, :T, :H, :W]
     if labels is None:
         return out, None
-    return out, rearrange(untile(torch.stack(affs, dim=2)), "b n t h w o -> b n o t h w")
+    return out, rearrange(aff[:, :, :T, :H, :W], "b n t h w o -> b n o t h w")
+
+
+def _pad_cells(x: torch.Tensor, sizes: tuple[int, int, int], value: float = 0.0) -> torch.Tensor:
+    """Pad the ``(T, H, W)`` axes of ``(B, N, T, H, W, C)`` at their ends to ``sizes`` (no copy when none)."""
+    T, H, W = x.shape[2:5]
+    if (T, H, W) == tuple(sizes):
+        return x
+    return F.pad(x, (0, 0, 0, sizes[2] - W, 0, sizes[1] - H, 0, sizes[0] - T), value=value)
 
 
 # ----------------------------------------------------------------------------- strided
@@ -240,57 +250,58 @@ def _strided(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affin
     # a step at least the axis length leaves every cell alone in its class along that axis
     st, sh, sw = (min(s, L) for s, L in zip(pattern.stride, (T, H, W)))
     Tc, Hc, Wc = -(-T // st), -(-H // sh), -(-W // sw)
-    pad = (0, 0, 0, Wc * sw - W, 0, Hc * sh - H, 0, Tc * st - T)
-    classes = "b n (tc st) (hc sh) (wc sw) d -> b n (st sh sw) (tc hc wc) d"
-    qc, kc, vc = (rearrange(F.pad(x, pad), classes, st=st, sh=sh, sw=sw) for x in (q, k, v))
+    padded = (Tc * st, Hc * sh, Wc * sw)
     M = Tc * Hc * Wc
-    # key validity (padding) per class, and the frame index within the class: t = tc * st + residue,
-    # so the causal order inside a class is the order of tc
-    coord = torch.meshgrid(
-        *(torch.arange(n * s, device=dev) for n, s in ((Tc, st), (Hc, sh), (Wc, sw))), indexing="ij"
-    )
-    real = (coord[0] < T) & (coord[1] < H) & (coord[2] < W)
-    real = rearrange(real, "(tc st) (hc sh) (wc sw) -> (st sh sw) 1 (tc hc wc)", st=st, sh=sh, sw=sw)
-    tc = rearrange(torch.arange(Tc, device=dev)[:, None].expand(Tc, Hc * Wc), "tc hw -> (tc hw)")
-    valid = real
-    if pattern.causal:
-        valid = valid & (tc[None, None, :] <= tc[None, :, None])
-    need_mask = pattern.causal or bool((~real).any())
+    # split views (no copy): [..., rt, rh, rw, tc, hc, wc, :] is the cell (tc*st + rt, hc*sh + rh, wc*sw + rw)
+    split = "b n (tc st) (hc sh) (wc sw) c -> b n st sh sw tc hc wc c"
+    qs, ks, vs = (rearrange(_pad_cells(x, padded), split, st=st, sh=sh, sw=sw) for x in (q, k, v))
+    out = q.new_empty(B, N, *padded, D)
+    out_s = rearrange(out, split, st=st, sh=sh, sw=sw)
+    coord = torch.meshgrid(*(torch.arange(n, device=dev) for n in padded), indexing="ij")
+    # padding keys are invalid; within a class t = tc * st + rt, so causality compares tc
+    real = rearrange((coord[0] < T) & (coord[1] < H) & (coord[2] < W), "(tc st) (hc sh) (wc sw) -> st sh sw 1 (tc hc wc)",
+                     st=st, sh=sh, sw=sw)
+    tc = torch.arange(Tc, device=dev).repeat_interleave(Hc * Wc)
+    valid = real & (tc[None, :] <= tc[:, None]) if pattern.causal else real
+    need_mask = pattern.causal or not bool(real.all())
     if labels is not None:
-        elig = valid & (tc[None, None, :] < tc[None, :, None]) if causal_affinity else valid
-        lab = rearrange(F.pad(labels, pad[2:], value=-1), "b (tc st) (hc sh) (wc sw) -> b (st sh sw) (tc hc wc)",
-                        st=st, sh=sh, sw=sw)
-    C = st * sh * sw
-    # chunk over classes, and over the queries of a class when a class alone is too big
+        elig = valid & (tc[None, :] < tc[:, None]) if causal_affinity else valid
+        lab_s = rearrange(_pad_cells(labels[:, None, ..., None], padded, -1)[:, 0, ..., 0],
+                          "b (tc st) (hc sh) (wc sw) -> b st sh sw (tc hc wc)", st=st, sh=sh, sw=sw)
+        aff = q.new_empty(B, N, *padded, num_objects)
+        aff_s = rearrange(aff, split, st=st, sh=sh, sw=sw)
+    # chunks: classes of one (rt, rh) at a time, and the queries of a class in rows when it is large
     if M * M <= PAIRS_PER_CHUNK:
-        n_cls, q_rows = PAIRS_PER_CHUNK // (M * M), M
+        n_cls, q_rows = max(1, PAIRS_PER_CHUNK // (M * M)), M
     else:
         n_cls, q_rows = 1, max(1, PAIRS_PER_CHUNK // M)
-    outs, affs = [], []
-    for c0 in range(0, C, n_cls):
-        c1 = min(C, c0 + n_cls)
-        kk, vv = kc[:, :, c0:c1], vc[:, :, c0:c1]
-        out_rows, aff_rows = [], []
-        for r0 in range(0, M, q_rows):
-            r1 = min(M, r0 + q_rows)
-            logits = torch.matmul(qc[:, :, c0:c1, r0:r1], kk.transpose(-1, -2)) * scale
-            mask = valid[c0:c1, r0:r1] if valid.shape[1] > 1 else valid[c0:c1]
-            probs = _softmax_out(logits, mask if need_mask else None)
-            out_rows.append(torch.matmul(probs, vv))
+    to_class = "b n sw tc hc wc c -> b n sw (tc hc wc) c"
+    from_class = "b n sw (tc hc wc) c -> b n sw tc hc wc c"
+    for rt in range(st):
+        for rh in range(sh):
+            qb, kb, vb = (rearrange(x[:, :, rt, rh], to_class) for x in (qs, ks, vs))
+            ob = qb.new_empty(qb.shape)
+            ab = qb.new_empty(*qb.shape[:-1], num_objects) if labels is not None else None
+            for c0 in range(0, sw, n_cls):
+                c1 = min(sw, c0 + n_cls)
+                kk, vv = kb[:, :, c0:c1], vb[:, :, c0:c1]
+                for r0 in range(0, M, q_rows):
+                    r1 = min(M, r0 + q_rows)
+                    m = valid[rt, rh, c0:c1, r0:r1] if valid.shape[3] > 1 else valid[rt, rh, c0:c1]
+                    logits = torch.matmul(qb[:, :, c0:c1, r0:r1] * scale, kk.transpose(-1, -2))
+                    probs = _softmax_out(logits, m if need_mask else None)
+                    ob[:, :, c0:c1, r0:r1] = torch.matmul(probs, vv)
+                    if labels is not None:
+                        e = elig[rt, rh, c0:c1, r0:r1] if elig.shape[3] > 1 else elig[rt, rh, c0:c1]
+                        key_lab = torch.where(e, lab_s[:, rt, rh, c0:c1, None, :], -1)
+                        ab[:, :, c0:c1, r0:r1] = _affinity(probs, key_lab, num_objects)
+            out_s[:, :, rt, rh] = rearrange(ob, from_class, tc=Tc, hc=Hc)
             if labels is not None:
-                e = elig[c0:c1, r0:r1] if elig.shape[1] > 1 else elig[c0:c1]
-                key_lab = torch.where(e, lab[:, c0:c1, None, :], -1)
-                aff_rows.append(_affinity(probs, key_lab, num_objects))
-        outs.append(torch.cat(out_rows, dim=3))
-        if labels is not None:
-            affs.append(torch.cat(aff_rows, dim=3))
-    unclass = "b n (st sh sw) (tc hc wc) c -> b n (tc st) (hc sh) (wc sw) c"
-    dims = dict(st=st, sh=sh, sw=sw, tc=Tc, hc=Hc)
-    out = rearrange(torch.cat(outs, dim=2), unclass, **dims)[:, :, :T, :H, :W]
+                aff_s[:, :, rt, rh] = rearrange(ab, from_class, tc=Tc, hc=Hc)
+    out = out[:, :, :T, :H, :W]
     if labels is None:
         return out, None
-    aff = rearrange(torch.cat(affs, dim=2), unclass, **dims)[:, :, :T, :H, :W]
-    return out, rearrange(aff, "b n t h w o -> b n o t h w")
+    return out, rearrange(aff[:, :, :T, :H, :W], "b n t h w o -> b n o t h w")
 
 
 _IMPLS = {"grid": _grid, "local": _local, "strided": _strided}
