@@ -152,3 +152,26 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # resuming with another number of processes would change the data order: refused
     again = _run(["--attn", "local", "--steps", "3", "--out", str(out), "--resume", *TINY])
     assert again.returncode != 0 and "2 process(es)" in again.stderr
+
+
+def test_trains_on_a_dataset_folder(tmp_path):
+    from PIL import Image
+
+    from models.mask_io import write_mask
+
+    rng = np.random.default_rng(0)
+    for seq in ("s1", "s2"):
+        for f in range(4):
+            (tmp_path / "data" / seq / "JPEGImages").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / seq / "JPEGImages" / f"{f:05d}.jpg"
+            )
+            ids = np.zeros((40, 48), np.uint8)
+            ids[5 + f : 20 + f, 10:30] = 1
+            ids[25:35, 30:40] = 2
+            write_mask(tmp_path / "data" / seq / "Annotations" / f"{f:05d}.png", ids)
+    out = tmp_path / "run"
+    train.main(["--data", str(tmp_path / "data"), "--steps", "2", "--out", str(out), *TINY])
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["name"] == str(tmp_path / "data")
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2 and (out / "metrics.json").is_file()
