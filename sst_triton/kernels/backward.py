@@ -19,8 +19,10 @@ from . import _common
 
 
 def _launch(module, kernel_name: str, grid, args: tuple, meta: dict, interpret: bool) -> None:
+    """Run ``module.<kernel_name>``: autotuned on a GPU, the first config interpreted on CPU."""
     if interpret:
-        _common.interpreted(getattr(module, kernel_name))[grid](*args, **meta, **module.CONFIGS[0].kwargs)
+        config = getattr(module, "CONFIGS_" + kernel_name.rsplit("_", 1)[-1].upper())[0]
+        _common.interpreted(getattr(module, kernel_name))[grid](*args, **meta, **config.kwargs)
     else:
         getattr(module, kernel_name + "_tuned")[grid](*args, **meta)
 
@@ -81,6 +83,7 @@ def attention_backward(
         NUM_OBJ=num_obj,
         BLOCK_D=_common.block_d(D),
         DOT_PRECISION=_common.dot_precision(q.dtype),
+        DOT_FP32=interpret and q.dtype == torch.bfloat16,
     )
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import AotSpec, example_scalars
+
 
 @triton.jit
 def window(i, L, K, SHIFT: tl.constexpr):
@@ -100,7 +102,20 @@ def object_grad_pairs(Arg, G, bn, S, query_index, query_valid, key_index, NUM_OB
 
 
 @triton.jit
-def dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION: tl.constexpr):
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``a @ b (+ acc)``. ``DOT_FP32`` multiplies float32 copies of the operands: the launcher
+    sets it for bfloat16 in Triton's interpreter, whose bfloat16 ``tl.dot`` is wrong (triton
+    3.9); bf16 x bf16 products are exact in float32, so the result is the tensor-core one."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if acc is None:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """Add one block of keys to ``dQ / scale`` of a tile of queries.
 
     Args:
@@ -109,16 +124,18 @@ def dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION:
         obj: ``[BLOCK_M, BLOCK_N]`` affinity term of dP (:func:`object_grad`) or 0.
         dq: ``[BLOCK_M, BLOCK_D]`` accumulator.
     """
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-    # where() before exp would be cheaper, but lse of a padded query row is 0, not -inf
+    s = dot(q, tl.trans(k), None, DOT_PRECISION, DOT_FP32) * scale
+    # where() after exp: lse of a padded query row is 0, not -inf
     p = tl.where(in_pattern, tl.exp(s.to(lse.dtype) - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(lse.dtype) + obj
+    dp = dot(do, tl.trans(v), None, DOT_PRECISION, DOT_FP32).to(lse.dtype) + obj
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dot(ds.to(k.dtype), k, dq, DOT_PRECISION, DOT_FP32)
 
 
 @triton.jit
-def dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION: tl.constexpr):
+def dkdv_block(
+    k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr
+):
     """Add one block of queries to ``dK / scale`` and ``dV`` of a tile of keys (keys first).
 
     Args:
@@ -126,12 +143,12 @@ def dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PREC
         in_pattern, obj: ``[BLOCK_N, BLOCK_M]`` (:func:`object_grad` with ``KEYS_FIRST``).
         dk, dv: ``[BLOCK_N, BLOCK_D]`` accumulators.
     """
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
+    st = dot(k, tl.trans(q), None, DOT_PRECISION, DOT_FP32) * scale
     pt = tl.where(in_pattern, tl.exp(st.to(lse.dtype) - lse[None, :]), 0.0)
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(lse.dtype) + obj
+    dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, DOT_FP32)
+    dpt = dot(v, tl.trans(do), None, DOT_PRECISION, DOT_FP32).to(lse.dtype) + obj
     dst = pt * (dpt - delta[None, :])
-    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, DOT_FP32)
     return dk, dv
 
 
@@ -169,17 +186,14 @@ def dkdv_pairs(k, v, q, do, lse, delta, valid, obj, scale, dk, dv):
     return dk + ds[:, None] * qf, dv
 
 
-def signature(dtype: str, outputs: tuple[str, ...], ints: tuple[str, ...], constexprs: tuple[str, ...]) -> dict:
-    """Triton signature of a backward kernel for the AOT table (strides as ``i32``)."""
-    sig = {name: f"*{dtype}" for name in ("Q", "K", "V", "DO")}
-    sig.update({"Lse": "*fp32", "Delta": "*fp32", "Arg": "*i32", "G": "*fp32"})
-    sig.update({name: f"*{dtype}" for name in outputs})
-    for t in ("q", "k", "v", "do"):
-        for axis in ("b", "n", "t", "h", "w", "d"):
-            sig[f"s{t}_{axis}"] = "i32"
-    for name in ("N", "T", "H", "W", "D", *ints):
-        sig[name] = "i32"
-    sig["scale"] = "fp32"
-    for name in constexprs:
-        sig[name] = "constexpr"
-    return sig
+def aot_spec(name: str, kernel, outputs: tuple[str, ...], scalars: dict, constexprs: dict, configs, note: str):
+    """:class:`~sst_triton.kernels._common.AotSpec` of a backward kernel for a contiguous
+    bf16 ``(1, 8, 4, 32, 32, 64)`` call (``dO`` strided like ``q``)."""
+    example = example_scalars()
+    example.update({f"sdo_{axis}": example[f"sq_{axis}"] for axis in ("b", "n", "t", "h", "w", "d")})
+    pointers = {name: "*bf16" for name in ("Q", "K", "V", "DO", *outputs)}
+    pointers.update(Lse="*fp32", Delta="*fp32", Arg="*i32", G="*fp32")
+    return AotSpec(
+        name=name, kernel=kernel, pointers=pointers, scalars={**example, **scalars, "scale": 1.0},
+        constexprs=constexprs, configs=configs, note=note,
+    )

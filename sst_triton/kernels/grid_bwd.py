@@ -18,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import AotSpec
 from .common_bwd import (
+    aot_spec,
     dkdv_block,
     dkdv_pairs,
     dq_block,
@@ -27,15 +27,19 @@ from .common_bwd import (
     load_cells,
     object_grad,
     object_grad_pairs,
-    signature,
     store_cells,
 )
 
-CONFIGS = [
+# Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
+# its query tile, the key pass its key tile. The first config is the interpreter's.
+CONFIGS_DQ = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+]
+CONFIGS_DKDV = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    # the per-key column/time vectors add to the tile's registers: 8 warps keep it spill-free
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
 TUNE_KEY = ["T", "H", "W", "D"]
 
@@ -50,6 +54,7 @@ def grid_bwd_dq(
     N, T, H, W, D,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dQ`` of ``BLOCK_M`` cells of row ``program_id(1) = t * H + y``. Q, K, V, DO
@@ -87,7 +92,7 @@ def grid_bwd_dq(
             obj = object_grad(Arg, G, bn, S, q_index, m_valid, row * W + kx, NUM_OBJ, False)
         else:
             obj = 0.0
-        dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION)
+        dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
 
     # the column: key (t, y2, x) of query (t, y, x)
     for y2 in range(0, H):
@@ -128,6 +133,7 @@ def grid_bwd_dkdv(
     N, T, H, W, D,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dK`` and ``dV`` of ``BLOCK_N`` keys of row ``program_id(1) = t * H + y``;
@@ -166,7 +172,7 @@ def grid_bwd_dkdv(
             obj = object_grad(Arg, G, bn, S, q_index, m_valid, k_index, NUM_OBJ, True)
         else:
             obj = 0.0
-        dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION)
+        dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
 
     # queries of the column: query (t, y2, x) of key (t, y, x)
     for y2 in range(0, H):
@@ -203,26 +209,15 @@ def grid_bwd_dkdv(
     store_cells(DV + bn * S * D, dv, k_index, n_valid, D, BLOCK_D)
 
 
-grid_bwd_dq_tuned = triton.autotune(CONFIGS, key=TUNE_KEY)(grid_bwd_dq)
-grid_bwd_dkdv_tuned = triton.autotune(CONFIGS, key=TUNE_KEY)(grid_bwd_dkdv)
+grid_bwd_dq_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY)(grid_bwd_dq)
+grid_bwd_dkdv_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY)(grid_bwd_dkdv)
 
-_CONSTEXPRS = ("CAUSAL", "NUM_OBJ", "BLOCK_D", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
-_FIXED = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee")
+_NOTE = "bf16, contiguous (1, 8, 4, 32, 32, 64), causal, 3 objects"
+_FIXED = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee", DOT_FP32=False)
 AOT_SPECS = [
-    AotSpec(
-        name="grid_bwd_dq",
-        kernel=grid_bwd_dq,
-        signature=signature("bf16", ("DQ",), (), _CONSTEXPRS),
-        constexprs=_FIXED,
-        configs=CONFIGS,
-        note="bf16, D=64, causal, 3 objects",
-    ),
-    AotSpec(
-        name="grid_bwd_dkdv",
-        kernel=grid_bwd_dkdv,
-        signature=signature("bf16", ("DK", "DV"), (), _CONSTEXPRS),
-        constexprs=_FIXED,
-        configs=CONFIGS,
-        note="bf16, D=64, causal, 3 objects",
-    ),
+    aot_spec(f"grid_bwd_{part}", kernel, outputs, {}, _FIXED, configs, _NOTE)
+    for part, kernel, outputs, configs in (
+        ("dq", grid_bwd_dq, ("DQ",), CONFIGS_DQ),
+        ("dkdv", grid_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
+    )
 ]

@@ -19,14 +19,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import AotSpec
-from .common_bwd import dkdv_block, dq_block, load_cells, object_grad, signature, store_cells, window
+from .common_bwd import (
+    aot_spec,
+    dkdv_block,
+    dq_block,
+    load_cells,
+    object_grad,
+    store_cells,
+    window,
+)
 
-CONFIGS = [
+# Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
+# its query tile, the key pass its key tile. The first config is the interpreter's.
+CONFIGS_DQ = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+]
+CONFIGS_DKDV = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
 TUNE_KEY = ["T", "H", "W", "D", "KT", "KH", "KW"]
 
@@ -41,6 +52,7 @@ def local_bwd_dq(
     N, T, H, W, D, KT, KH, KW,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dQ`` of ``BLOCK_M`` plane cells of frame ``program_id(1)``. Q, K, V, DO
@@ -94,7 +106,7 @@ def local_bwd_dq(
                 obj = object_grad(Arg, G, bn, S, q_index, m_valid, kt * HW + offs_n, NUM_OBJ, False)
             else:
                 obj = 0.0
-            dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION)
+            dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
 
     store_cells(DQ + bn * S * D, dq * scale, q_index, m_valid, D, BLOCK_D)
 
@@ -109,6 +121,7 @@ def local_bwd_dkdv(
     N, T, H, W, D, KT, KH, KW,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dK`` and ``dV`` of ``BLOCK_N`` plane cells of key frame ``program_id(1)``; arguments
@@ -174,25 +187,23 @@ def local_bwd_dkdv(
                     obj = object_grad(Arg, G, bn, S, q_index, m_valid, k_index, NUM_OBJ, True)
                 else:
                     obj = 0.0
-                dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION)
+                dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
 
     store_cells(DK + bn * S * D, dk * scale, k_index, n_valid, D, BLOCK_D)
     store_cells(DV + bn * S * D, dv, k_index, n_valid, D, BLOCK_D)
 
 
-local_bwd_dq_tuned = triton.autotune(CONFIGS, key=TUNE_KEY)(local_bwd_dq)
-local_bwd_dkdv_tuned = triton.autotune(CONFIGS, key=TUNE_KEY)(local_bwd_dkdv)
+local_bwd_dq_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY)(local_bwd_dq)
+local_bwd_dkdv_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY)(local_bwd_dkdv)
 
-_CONSTEXPRS = ("CAUSAL", "NUM_OBJ", "BLOCK_D", "DOT_PRECISION", "SHIFT", "BLOCK_M", "BLOCK_N")
 AOT_SPECS = [
-    AotSpec(
-        name=f"local_bwd_{part}",
-        kernel=kernel,
-        signature=signature("bf16", outputs, ("KT", "KH", "KW"), _CONSTEXPRS),
-        constexprs=dict(CAUSAL=causal, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee", SHIFT=shift),
-        configs=CONFIGS,
-        note=f"bf16, D=64, {'shift' if shift else 'clip'}{', causal' if causal else ''}, 3 objects",
+    aot_spec(
+        f"local_bwd_{part}", kernel, outputs, dict(KT=3, KH=7, KW=7),
+        dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee", DOT_FP32=False, SHIFT=True), configs,
+        "bf16, contiguous (1, 8, 4, 32, 32, 64), kernel (3, 7, 7), shift, causal, 3 objects",
     )
-    for part, kernel, outputs in (("dq", local_bwd_dq, ("DQ",)), ("dkdv", local_bwd_dkdv, ("DK", "DV")))
-    for shift, causal in ((False, False), (True, True))
+    for part, kernel, outputs, configs in (
+        ("dq", local_bwd_dq, ("DQ",), CONFIGS_DQ),
+        ("dkdv", local_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
+    )
 ]

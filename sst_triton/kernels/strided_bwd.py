@@ -13,14 +13,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import AotSpec
-from .common_bwd import dkdv_block, dq_block, load_cells, object_grad, signature, store_cells
+from .common_bwd import aot_spec, dkdv_block, dq_block, load_cells, object_grad, store_cells
 
-CONFIGS = [
+# Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
+# its query tile, the key pass its key tile. The first config is the interpreter's.
+CONFIGS_DQ = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+]
+CONFIGS_DKDV = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
 TUNE_KEY = ["T", "H", "W", "D", "ST", "SH", "SW"]
 
@@ -35,6 +38,7 @@ def strided_bwd_dq(
     N, T, H, W, D, ST, SH, SW,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dQ`` of ``BLOCK_M`` queries of one class. Q, K, V, DO ``(B, N, T, H, W, D)`` any
@@ -91,7 +95,7 @@ def strided_bwd_dq(
             obj = object_grad(Arg, G, bn, S, q_index, m_valid, (kt * H + ky) * W + kx, NUM_OBJ, False)
         else:
             obj = 0.0
-        dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION)
+        dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
 
     store_cells(DQ + bn * S * D, dq * scale, q_index, m_valid, D, BLOCK_D)
 
@@ -106,6 +110,7 @@ def strided_bwd_dkdv(
     N, T, H, W, D, ST, SH, SW,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dK`` and ``dV`` of ``BLOCK_N`` keys of one class; arguments as in :func:`strided_bwd_dq`,
@@ -162,32 +167,21 @@ def strided_bwd_dkdv(
             obj = object_grad(Arg, G, bn, S, q_index, m_valid, k_index, NUM_OBJ, True)
         else:
             obj = 0.0
-        dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION)
+        dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
 
     store_cells(DK + bn * S * D, dk * scale, k_index, n_valid, D, BLOCK_D)
     store_cells(DV + bn * S * D, dv, k_index, n_valid, D, BLOCK_D)
 
 
-strided_bwd_dq_tuned = triton.autotune(CONFIGS, key=TUNE_KEY)(strided_bwd_dq)
-strided_bwd_dkdv_tuned = triton.autotune(CONFIGS, key=TUNE_KEY)(strided_bwd_dkdv)
+strided_bwd_dq_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY)(strided_bwd_dq)
+strided_bwd_dkdv_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY)(strided_bwd_dkdv)
 
-_CONSTEXPRS = ("CAUSAL", "NUM_OBJ", "BLOCK_D", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
-_FIXED = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee")
+_NOTE = "bf16, contiguous (1, 8, 4, 32, 32, 64), stride 2, causal, 3 objects"
+_FIXED = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee", DOT_FP32=False)
 AOT_SPECS = [
-    AotSpec(
-        name="strided_bwd_dq",
-        kernel=strided_bwd_dq,
-        signature=signature("bf16", ("DQ",), ("ST", "SH", "SW"), _CONSTEXPRS),
-        constexprs=_FIXED,
-        configs=CONFIGS,
-        note="bf16, D=64, causal, 3 objects",
-    ),
-    AotSpec(
-        name="strided_bwd_dkdv",
-        kernel=strided_bwd_dkdv,
-        signature=signature("bf16", ("DK", "DV"), ("ST", "SH", "SW"), _CONSTEXPRS),
-        constexprs=_FIXED,
-        configs=CONFIGS,
-        note="bf16, D=64, causal, 3 objects",
-    ),
+    aot_spec(f"strided_bwd_{part}", kernel, outputs, dict(ST=2, SH=2, SW=2), _FIXED, configs, _NOTE)
+    for part, kernel, outputs, configs in (
+        ("dq", strided_bwd_dq, ("DQ",), CONFIGS_DQ),
+        ("dkdv", strided_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
+    )
 ]
