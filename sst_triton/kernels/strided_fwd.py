@@ -1,0 +1,131 @@
+"""Strided attention forward: dense FlashAttention inside each residue class.
+
+The keys of ``p = (t, y, x)`` are the cells congruent to it modulo ``(st, sh, sw)``:
+every residue class ``(t mod st, y mod sh, x mod sw)`` is a dense attention problem of
+``nT * nH * nW`` cells, addressed through the strides of q/k/v (no copy). One program
+takes ``BLOCK_M`` queries of one class and walks the class's keys ``BLOCK_N`` at a time
+with ``tl.dot`` for ``Q K^T`` and ``P V``.
+
+Grid: ``(cdiv(max class size, BLOCK_M), classes, B * N)``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import forward_aot_specs, object_max_block, online_softmax_block, prune_configs, store_results
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+]
+
+
+@triton.jit
+def strided_fwd(
+    Q, K, V, Labels, Out, Lse, Aff, Arg,
+    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
+    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
+    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
+    N, T, H, W, D, ST, SH, SW,
+    scale_log2,
+    CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Q, K, V ``(B, N, T, H, W, D)`` with any strides; ``ST, SH, SW`` the pattern
+    strides clipped to the axis lengths (the launcher's job); Labels int32 ``(B, T, H, W)``."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_bn = tl.program_id(2)
+    rx = pid_c % SW
+    ry = (pid_c // SW) % SH
+    rt = pid_c // (SW * SH)
+    nT = tl.cdiv(T - rt, ST)
+    nH = tl.cdiv(H - ry, SH)
+    nW = tl.cdiv(W - rx, SW)
+    plane = nH * nW
+    size = nT * plane
+    if pid_m * BLOCK_M >= size:
+        return
+    b = (pid_bn // N).to(tl.int64)
+    n = (pid_bn % N).to(tl.int64)
+    S = T * H * W
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < size
+    qi = offs_m // plane
+    qt = rt + qi * ST
+    qy = ry + ((offs_m // nW) % nH) * SH
+    qx = rx + (offs_m % nW) * SW
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+
+    q_rows = qt.to(tl.int64) * sq_t + qy.to(tl.int64) * sq_h + qx.to(tl.int64) * sq_w
+    q_ptrs = Q + b * sq_b + n * sq_n + q_rows[:, None] + offs_d[None, :].to(tl.int64) * sq_d
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    a_max = tl.full([BLOCK_M, BLOCK_O], float("-inf"), tl.float32)
+    a_arg = tl.full([BLOCK_M, BLOCK_O], -1, tl.int32)
+
+    hi = size
+    if CAUSAL:
+        # class-local order is time-major: later frames come after the block's last query
+        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, size) - 1
+        hi = tl.minimum(size, (last // plane + 1) * plane)
+    k_base = K + b * sk_b + n * sk_n
+    v_base = V + b * sv_b + n * sv_n
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        kt = rt + (offs_n // plane) * ST
+        ky = ry + ((offs_n // nW) % nH) * SH
+        kx = rx + (offs_n % nW) * SW
+        k_cols = kt.to(tl.int64) * sk_t + ky.to(tl.int64) * sk_h + kx.to(tl.int64) * sk_w
+        kT = tl.load(
+            k_base + k_cols[None, :] + offs_d[:, None].to(tl.int64) * sk_d,
+            mask=n_valid[None, :] & d_valid[:, None], other=0.0,
+        )
+        v_rows = kt.to(tl.int64) * sv_t + ky.to(tl.int64) * sv_h + kx.to(tl.int64) * sv_w
+        v = tl.load(
+            v_base + v_rows[:, None] + offs_d[None, :].to(tl.int64) * sv_d,
+            mask=n_valid[:, None] & d_valid[None, :], other=0.0,
+        )
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2
+        in_pattern = n_valid[None, :] & m_valid[:, None]
+        if CAUSAL:
+            in_pattern = in_pattern & (kt[None, :] <= qt[:, None])
+        s = tl.where(in_pattern, s, float("-inf"))
+        if NUM_OBJ > 0:
+            key_labels = tl.load(Labels + b * S + (kt * H + ky) * W + kx, mask=n_valid, other=-1)
+            eligible = in_pattern
+            if CAUSAL_AFF:
+                eligible = eligible & (kt[None, :] < qt[:, None])
+            # a_arg holds class-local key offsets until the end
+            a_max, a_arg = object_max_block(s, eligible, key_labels, start, a_max, a_arg, NUM_OBJ, BLOCK_O)
+        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION)
+
+    query_index = (qt * H + qy) * W + qx
+    if NUM_OBJ > 0:
+        a_arg = ((rt + (a_arg // plane) * ST) * H + ry + ((a_arg // nW) % nH) * SH) * W + rx + (a_arg % nW) * SW
+    store_results(
+        Out, Lse, Aff, Arg, b * N + n, S, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
+        NUM_OBJ, BLOCK_D, BLOCK_O,
+    )
+
+
+strided_fwd_tuned = triton.autotune(
+    CONFIGS,
+    key=["N", "T", "H", "W", "ST", "SH", "SW", "BLOCK_D", "NUM_OBJ", "CAUSAL"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(strided_fwd)
+
+AOT_SPECS = forward_aot_specs(
+    "strided_fwd", strided_fwd, CONFIGS, dict(ST=2, SH=2, SW=2), dict(CAUSAL=True, CAUSAL_AFF=True),
+    "stride 2, causal",
+)
