@@ -110,8 +110,10 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 class ResNetBackbone(nn.Module):
     """The stem and first stages of a torchvision ResNet.
 
-    Stride 4 uses ``layer1``; stride 8 adds ``layer2``; stride 16 adds ``layer3``. Skips are
-    the stem (stride 2) and the stage outputs finer than ``stride``.
+    Stride 4 ends at ``layer1``. Stride 8 ends at ``layer3`` with ``layer3`` dilated instead
+    of strided (DeepLab style: the deep features of ResNet-101 at stride 8). Stride 16 ends
+    at the ordinary ``layer3``. Skips are the stem (stride 2) and the stage outputs finer than
+    ``stride`` (the last of each stride).
 
     Args:
         name: a torchvision ResNet constructor, e.g. ``"resnet101"`` (the paper's).
@@ -119,10 +121,11 @@ class ResNetBackbone(nn.Module):
         weights: path of a local ``state_dict`` file of the whole torchvision ResNet
             (e.g. ImageNet weights saved once with ``torch.save(model.state_dict(), path)``);
             ``None`` leaves the trunk randomly initialised. Nothing is downloaded.
-        frozen_bn: replace BatchNorm by fixed affine statistics (the usual choice when
+        frozen_bn: BatchNorm with fixed statistics and affine (the usual choice when
             fine-tuning with small batches).
         trunk: an already built ResNet-like module (attributes ``conv1``, ``bn1``, ``relu``,
-            ``maxpool``, ``layer1``...): then torchvision is not needed.
+            ``maxpool``, ``layer1``...): then torchvision is not needed, and for stride 8 its
+            ``layer3`` must already be dilated.
     """
 
     def __init__(
@@ -141,6 +144,10 @@ class ResNetBackbone(nn.Module):
                 raise ValueError(f"name must be one of {RESNETS}, got {name!r}")
             tv = _import_torchvision()
             kwargs = {"weights": None}
+            if stride == 8:
+                if name in ("resnet18", "resnet34"):
+                    raise ValueError(f"stride 8 dilates layer3, which {name} (basic blocks) cannot: use 4 or 16")
+                kwargs["replace_stride_with_dilation"] = [False, True, False]
             if frozen_bn:
                 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -151,28 +158,31 @@ class ResNetBackbone(nn.Module):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"weights: no such file {path!r} (weights are only read from local files)")
             state = torch.load(path, map_location="cpu", weights_only=True)
-            missing, unexpected = trunk.load_state_dict(state, strict=False)
+            missing, _ = trunk.load_state_dict(state, strict=False)
             used = [k for k in missing if not k.startswith(("fc.", "layer4."))]
             if used:
                 raise ValueError(f"weights: {path!r} lacks {len(used)} trunk tensors, e.g. {used[:3]}")
-        n_layers = {4: 1, 8: 2, 16: 3}[stride]
+        n_layers = 1 if stride == 4 else 3
+        strides = [2, 4, 8, stride][: n_layers + 1]  # stem, layer1, layer2, layer3
         self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu)
         self.maxpool = trunk.maxpool
         self.layers = nn.ModuleList(getattr(trunk, f"layer{i + 1}") for i in range(n_layers))
         widths = [_out_channels(trunk.conv1)] + [_out_channels(layer) for layer in self.layers]
+        # the last output of each stride finer than the features
+        self._skip_ids = [i for i in range(len(strides)) if strides[i] < stride and strides[i + 1] != strides[i]]
         self.stride = stride
         self.out_channels = widths[-1]
-        self.skip_channels = widths[:-1]
+        self.skip_channels = [widths[i] for i in self._skip_ids]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(N, 3, H, W)`` -> ``(N, out_channels, H/stride, W/stride)`` and the skips."""
         x = self.stem(x)
-        skips = [x]
+        outputs = [x]
         x = self.maxpool(x)
         for layer in self.layers:
             x = layer(x)
-            skips.append(x)
-        return skips[-1], skips[:-1]
+            outputs.append(x)
+        return outputs[-1], [outputs[i] for i in self._skip_ids]
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -162,9 +162,9 @@ def test_small_backbone_strides():
 
 
 class _Block(nn.Module):
-    def __init__(self, c_in, c_out, stride):
+    def __init__(self, c_in, c_out, stride, dilation=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, dilation, dilation)
         self.bn1 = nn.BatchNorm2d(c_out)
 
     def forward(self, x):
@@ -174,7 +174,7 @@ class _Block(nn.Module):
 class _TinyResNet(nn.Module):
     """The attribute layout of a torchvision ResNet, small: stands in where torchvision is absent."""
 
-    def __init__(self):
+    def __init__(self, dilate_layer3=False):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 7, 2, 3)
         self.bn1 = nn.BatchNorm2d(8)
@@ -182,14 +182,15 @@ class _TinyResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = _Block(8, 16, 1)
         self.layer2 = _Block(16, 32, 2)
-        self.layer3 = _Block(32, 64, 2)
+        self.layer3 = _Block(32, 64, 1, 2) if dilate_layer3 else _Block(32, 64, 2)
         self.layer4 = _Block(64, 128, 2)
         self.fc = nn.Linear(128, 10)
 
 
-@pytest.mark.parametrize("stride,channels,skips", [(4, 16, [8]), (8, 32, [8, 16]), (16, 64, [8, 16, 32])])
+@pytest.mark.parametrize("stride,channels,skips", [(4, 16, [8]), (8, 64, [8, 16]), (16, 64, [8, 16, 32])])
 def test_resnet_backbone_layout(stride, channels, skips):
-    net = ResNetBackbone(stride=stride, trunk=_TinyResNet()).eval()
+    # stride 8: layer3 dilated, as the torchvision trunk is built for it
+    net = ResNetBackbone(stride=stride, trunk=_TinyResNet(dilate_layer3=stride == 8)).eval()
     feat, sk = net(torch.rand(1, 3, 64, 64))
     assert net.out_channels == channels and net.skip_channels == skips
     assert feat.shape == (1, channels, 64 // stride, 64 // stride)
@@ -201,9 +202,9 @@ def test_resnet_weights_come_from_a_local_file(tmp_path):
     source = _TinyResNet().eval()
     path = tmp_path / "weights.pt"
     torch.save(source.state_dict(), path)
-    net = ResNetBackbone(stride=8, weights=path, trunk=_TinyResNet()).eval()
+    net = ResNetBackbone(stride=16, weights=path, trunk=_TinyResNet()).eval()
     x = torch.rand(1, 3, 32, 32)
-    expected = source.layer2(source.layer1(source.maxpool(source.relu(source.bn1(source.conv1(x))))))
+    expected = source.layer3(source.layer2(source.layer1(source.maxpool(source.relu(source.bn1(source.conv1(x)))))))
     torch.testing.assert_close(net(x)[0], expected)
     with pytest.raises(FileNotFoundError, match="weights"):
         ResNetBackbone(stride=8, weights=tmp_path / "absent.pt", trunk=_TinyResNet())

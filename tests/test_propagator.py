@@ -95,9 +95,16 @@ def test_step_matches_the_model_on_the_buffer(model):
 def test_without_keep_first_the_buffer_slides(model):
     frames, masks = moving_squares(T=6)
     prop = Propagator(model, tau=2, keep_first=False)
-    for t in range(6):
-        prop.step(frames[t], masks[0] if t == 0 else None)
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    try:
+        for t in range(6):
+            prop.step(frames[t], masks[0] if t == 0 else None)
+    finally:
+        hook.remove()
     assert [e.index for e in prop.buffer] == [4, 5]
+    # buffered frames keep their embeddings: one backbone pass of one frame per step
+    assert calls == [1] * 6
 
 
 def test_remove_an_object(model):
