@@ -53,3 +53,14 @@ def test_autocast_disabled_keeps_float32():
     q, k, v = (torch.randn(SHAPE) for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
         assert local_attention(q, k, v, 3).dtype == torch.float32
+
+
+def test_autocast_on_triton_backend():
+    q, k, v = (torch.randn(1, 1, 2, 3, 4, 16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = strided_attention(q, k, v, (1, 2, 1), backend="triton")
+    assert out.dtype == torch.float16
+    expected = strided_attention(q.half(), k.half(), v.half(), (1, 2, 1), backend="triton")
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    out.float().sum().backward()
+    assert all(x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all() for x in (q, k, v))

@@ -92,3 +92,20 @@ def test_label_range_still_checked_eagerly():
     q, k, v, labels = _inputs()
     with pytest.raises(ValueError, match="labels must lie in"):
         local_attention(q, k, v, 3, labels=labels + 5, num_objects=3)
+
+
+def test_compiled_triton_backend_equals_eager():
+    """``backend="triton"`` on CPU: the same operator, its kernels run by the interpreter."""
+    shape = (1, 1, 2, 3, 4, 8)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    labels = torch.randint(-1, 2, (1, 2, 3, 4))
+
+    def fn(q, k, v, labels):
+        return local_attention(q, k, v, 3, labels=labels, num_objects=2, causal=True, backend="triton")
+
+    eager = _value_and_grads(fn, q, k, v, labels)
+    compiled = _value_and_grads(torch.compile(fn, fullgraph=True), q, k, v, labels)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-5)
+    explanation = torch._dynamo.explain(fn)(q, k, v, labels)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
