@@ -229,8 +229,15 @@ def overlay(video: torch.Tensor, ids: torch.Tensor, alpha: float = 0.55) -> np.n
     from models.mask_io import davis_palette
 
     palette = torch.tensor(davis_palette(), dtype=torch.float32).reshape(256, 3) / 255
-    colours = rearrange(palette[ids.long()], "t h w c -> t c h w")
+    ids = ids.long()
+    colours = rearrange(palette[ids], "t h w c -> t c h w")
     painted = torch.where(ids[:, None] > 0, (1 - alpha) * video + alpha * colours, video)
+    # object outlines in full colour, so that touching objects stay apart
+    edge = torch.zeros_like(ids, dtype=torch.bool)
+    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edge[:, :, 1:] |= ids[:, :, 1:] != ids[:, :, :-1]
+    edge &= ids > 0
+    painted = torch.where(edge[:, None], colours, painted)
     return (rearrange(painted, "t c h w -> t h w c").clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
@@ -408,8 +415,14 @@ def train(args: argparse.Namespace) -> Path:
     if start >= opt["steps"] and rank == 0:
         print(f"{out}: already trained to step {opt['steps']}", file=sys.stderr)
 
+    train_seconds = time.perf_counter() - tic
     if rank == 0:
         metrics = evaluate_synthetic(model, config, out, device)
+        metrics["run"] = {
+            "steps": opt["steps"], "steps_this_process": opt["steps"] - start, "train_seconds_this_process": train_seconds,
+            "clips_per_second": clips / max(1e-9, train_seconds), "device": str(device), "world_size": world,
+            "threads": torch.get_num_threads(),
+        }
         save_json(out / "metrics.json", metrics)
         print(json.dumps({k: metrics[k] for k in ("J&F", "J", "F", "baseline")}))
     if world > 1:
