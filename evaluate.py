@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -410,9 +410,11 @@ class ModelSegmenter:
     Args:
         checkpoint: a checkpoint written by train.py.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+        short_side: run the model on frames resized to this short side (bilinear; given
+            masks nearest) and bring the ids back to full size (nearest); ``None``: full size.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto") -> None:
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", short_side: Optional[int] = None) -> None:
         import torch
 
         from models.checkpoint import load_model
@@ -423,6 +425,16 @@ class ModelSegmenter:
         self.model, self.config = load_model(checkpoint, map_location="cpu")
         self.model.to(self.device)
         self.tau = int(self.config.get("tau", self.model.tau))
+        if short_side is not None and short_side < 8:
+            raise ValueError(f"--infer-short-side must be >= 8, got {short_side}")
+        self.short_side = short_side
+
+    def _size(self, h: int, w: int) -> tuple[int, int]:
+        """(H, W) the model runs at."""
+        if self.short_side is None or min(h, w) == self.short_side:
+            return h, w
+        scale = self.short_side / min(h, w)
+        return max(1, round(h * scale)), max(1, round(w * scale))
 
     def __call__(self, frames: np.ndarray, given: Mapping[int, np.ndarray]) -> np.ndarray:
         import torch
@@ -430,11 +442,35 @@ class ModelSegmenter:
 
         from models import Propagator
 
+        T, H, W = frames.shape[:3]
+        h, w = self._size(H, W)
         prop = Propagator(self.model, tau=self.tau, keep_first=True)
-        # uint8 frames are scaled by the propagator; synthetic frames come as floats in [0, 1]
-        stream = (torch.from_numpy(np.ascontiguousarray(rearrange(f, "h w c -> c h w"))).to(self.device) for f in frames)
-        annotations = {t: torch.from_numpy(m.astype(np.int64)) for t, m in given.items()}
-        return prop.segment_video(stream, annotations).numpy().astype(np.uint8)
+
+        def stream():
+            for f in frames:
+                # uint8 frames are scaled by the propagator; synthetic frames come as floats in [0, 1]
+                x = torch.from_numpy(np.ascontiguousarray(rearrange(f, "h w c -> c h w"))).to(self.device)
+                if (h, w) != (H, W):
+                    x = torch.nn.functional.interpolate(x[None].float(), size=(h, w), mode="bilinear",
+                                                        align_corners=False, antialias=True)[0]
+                    x = x.div_(255) if f.dtype == np.uint8 else x
+                yield x
+
+        annotations = {t: torch.from_numpy(_resize_ids(m, h, w).astype(np.int64)) for t, m in given.items()}
+        ids = prop.segment_video(stream(), annotations).numpy().astype(np.uint8)
+        if (h, w) != (H, W):
+            ids = np.stack([_resize_ids(m, H, W) for m in ids])
+            for t, m in given.items():  # a given object is exactly its mask on its frame, as in the propagator
+                objs = np.unique(m[m > 0])
+                ids[t] = np.where(m > 0, m, np.where(np.isin(ids[t], objs), 0, ids[t]))
+        return ids
+
+
+def _resize_ids(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Nearest-neighbour resize of ``(H, W)`` ids to ``(h, w)``."""
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
 
 
 def _peak_memory_mib(device: Optional[str]) -> tuple[str, float]:
@@ -531,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bound-th", type=float, default=0.008,
                    help="F tolerance: fraction of the image diagonal, or pixels when >= 1 (official 0.008)")
     p.add_argument("--device", default="auto", help="model device: auto, cpu, cuda")
+    p.add_argument("--infer-short-side", type=int, default=None, metavar="PX",
+                   help="run the model at this short side (e.g. 240 for 480p DAVIS); masks are written and "
+                        "scored at full size (default: full size)")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay frames and GIFs")
     p.add_argument("--gif-fps", type=float, default=10.0, help="frames per second of the GIFs")
     p.add_argument("--synthetic-videos", type=int, default=None,
@@ -585,7 +624,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: str, s
 
         if not args.data:
             parser.error(f"--{mode} needs --data synthetic|DIR")
-        segmenter = ModelSegmenter(args.checkpoint, args.device) if args.checkpoint else copy_first_frame
+        if args.infer_short_side is not None and not args.checkpoint:
+            parser.error("--infer-short-side is for --checkpoint")
+        segmenter = (ModelSegmenter(args.checkpoint, args.device, args.infer_short_side) if args.checkpoint
+                     else copy_first_frame)
         if args.data == "synthetic":
             # by default the videos train.py validated on, so that the numbers are comparable
             cfg = getattr(segmenter, "config", {})

@@ -263,3 +263,12 @@ def test_checkpoint_through_the_propagator(tmp_path, capsys):
         assert gif.n_frames == 4
     speed = json.loads((out / "speed.json").read_text())
     assert speed["frames"] == 4 and speed["device"] == "cpu"
+    # at a reduced inference size the masks still come out, and are scored, at full size
+    out2 = tmp_path / "eval-small"
+    rc, _, _ = run(["--checkpoint", tmp_path / "run" / "ckpt.pt", "--data", "synthetic", "--out", out2,
+                    "--device", "cpu", "--infer-short-side", "16", "--no-overlays"], capsys)
+    assert rc == 0
+    small = np.stack([read_mask(out2 / "masks" / name / f"{t:05d}.png") for t in range(4)])
+    assert small.shape == (4, 32, 32)
+    np.testing.assert_array_equal(small[0], labels[0].numpy())
+    assert json.loads((out2 / "results.json").read_text())["per_object"].keys() == direct["per_object"].keys()
