@@ -84,12 +84,14 @@ def _grid(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity
     # outputs are written in place chunk by chunk: no list of chunks and concatenation at the end
     out = q.new_empty(B, N, T, H, W, D)
     aff = q.new_empty(B, N, T, H, W, num_objects) if labels is not None else None
+    # columns as contiguous blocks once, instead of a permuted copy inside every chunk's einsum
+    k_col, v_col = (rearrange(x, "b n t g x d -> b n t x g d").contiguous() for x in (k, v))
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
         qc = q[:, :, :, y0:y1]
         kc, vc = k[:, :, :, y0:y1], v[:, :, :, y0:y1]
         row = torch.einsum("bntyxd,bntywd->bntyxw", qc, kc)
-        col = torch.einsum("bntyxd,bntgxd->bntyxg", qc, k)
+        col = torch.einsum("bntyxd,bntxgd->bntyxg", qc, k_col)
         tube = torch.einsum("bntyxd,bnsyxd->bntyxs", qc, kc)
         col_valid = rearrange(y_all[None, :] != torch.arange(y0, y1, device=dev)[:, None], "y g -> 1 y 1 g")
         col = col.masked_fill(~col_valid, float("-inf"))
@@ -98,7 +100,7 @@ def _grid(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity
         p_row, p_col, p_tube = probs.split([W, H, T], dim=-1)
         out[:, :, :, y0:y1] = (
             torch.einsum("bntyxw,bntywd->bntyxd", p_row, vc)
-            + torch.einsum("bntyxg,bntgxd->bntyxd", p_col, v)
+            + torch.einsum("bntyxg,bntxgd->bntyxd", p_col, v_col)
             + torch.einsum("bntyxs,bnsyxd->bntyxd", p_tube, vc)
         )
         if labels is not None:
@@ -131,8 +133,9 @@ def _local_tiles(pattern: Pattern, T: int, H: int, W: int) -> tuple[int, int, in
                 halo = math.prod(min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, (T, H, W)))
                 n_tiles = math.prod(-(-L // t) for t, L in zip(tiles, (T, H, W)))
                 padded = n_tiles * q_tile
-                # work ~ padded queries * halo, plus a fixed price per tile (a small matmul)
-                cost = padded * (halo + 2 * 32) + n_tiles * 2048
+                # measured on 2 cores (T=4, 64x64, k=7, D=32): attention work ~ padded queries * halo,
+                # the halo gather ~ halo / tile, and a fixed price per tile (small matmuls)
+                cost = padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
                 if q_tile * halo > PAIRS_PER_CHUNK:
                     continue
                 if cost < best_cost:
@@ -164,7 +167,7 @@ def _local(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinit
     B, N, T, H, W, D = q.shape
     dev = q.device
     tt, ty, tx = _local_tiles(pattern, T, H, W)
-    (st, vt, kt, qt), (sy, vy, ky, _), (sx, vx, kx, _) = (
+    (_, vt, kt, qt), (_, vy, ky, _), (_, vx, kx, _) = (
         _local_axis(pattern, a, L, t, dev) for a, (L, t) in enumerate(zip((T, H, W), (tt, ty, tx)))
     )
     nt, ny, nx = vt.shape[0], vy.shape[0], vx.shape[0]
@@ -174,59 +177,59 @@ def _local(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinit
     if labels is not None:
         et = vt & (kt[:, None, :] < qt[..., None]) if causal_affinity else vt
     padded = (nt * tt, ny * ty, nx * tx)
-    # split views (no copy): a tile row of queries is gathered into blocks only when its turn comes
-    split = "b n (nt tt) (ny ty) (nx tx) c -> b n ny nt nx tt ty tx c"
+    # split views (no copy): a block of query tiles is gathered only when its turn comes
+    split = "b n (nt tt) (ny ty) (nx tx) c -> b n nt ny nx tt ty tx c"
     q_split = rearrange(_pad_cells(q, padded), split, tt=tt, ty=ty, tx=tx)
     out = q.new_empty(B, N, *padded, D)
     out_split = rearrange(out, split, tt=tt, ty=ty, tx=tx)
     if labels is not None:
         aff = q.new_empty(B, N, *padded, num_objects)
         aff_split = rearrange(aff, split, tt=tt, ty=ty, tx=tx)
-    # flat key index of every halo: one gather per tile row builds the (tile, halo) blocks
-    flat = (kt[:, None, None, :, None, None] * H + ky[None, :, None, None, :, None]) * W + kx[None, None, :, None, None, :]
-    flat = rearrange(flat, "nt ny nx ht hy hx -> ny (nt nx ht hy hx)")
-    kf, vf = (rearrange(x, "b n t h w d -> b n (t h w) d") for x in (k, v))
-    if labels is not None:
         lab_flat = rearrange(labels, "b t h w -> b (t h w)")
+    kf, vf = (rearrange(x, "b n t h w d -> b n (t h w) d") for x in (k, v))
+    halo = kt.shape[1] * ky.shape[1] * kx.shape[1]
+    q_tile = tt * ty * tx
+    # a step covers a block of tiles along x (2 * PAIRS_PER_CHUNK pairs: the fused kernel keeps no logits)
+    x_block = max(1, min(nx, 2 * PAIRS_PER_CHUNK // (q_tile * halo)))
+    blocks = [(it, j, x0, min(nx, x0 + x_block)) for j in range(ny) for it in range(nt) for x0 in range(0, nx, x_block)]
 
-    def mask_of(t_mask: torch.Tensor, j: int) -> torch.Tensor:
-        m = (
-            t_mask[:, None, :, None, None, :, None, None]
-            & vy[j][None, None, None, :, None, None, :, None]
-            & vx[None, :, None, None, :, None, None, :]
-        )  # (nt, nx, tt, ty, tx, ht, hy, hx)
-        return rearrange(m, "nt nx tt ty tx ht hy hx -> (nt nx) (tt ty tx) (ht hy hx)")
+    def mask_of(t_mask: torch.Tensor, it: int, j: int, x0: int, x1: int) -> torch.Tensor:
+        m = t_mask[it][None, :, None, None, :, None, None] & vy[j][None, None, :, None, None, :, None]
+        m = m & vx[x0:x1, None, None, :, None, None, :]  # (nx, tt, ty, tx, ht, hy, hx)
+        return rearrange(m, "nx tt ty tx ht hy hx -> nx (tt ty tx) (ht hy hx)")
 
-    # tile rows away from the borders share one window pattern: build each mask once
+    # blocks away from the borders share one window pattern: build each mask once
     masks: dict = {}
 
-    def masks_of(j: int):
-        key = vy[j].numpy().tobytes() if vy.device.type == "cpu" else j
+    def masks_of(it: int, j: int, x0: int, x1: int):
+        key = (it, vy[j].cpu().numpy().tobytes(), x1 - x0, vx[x0:x1].cpu().numpy().tobytes())
         if key not in masks:
-            m = mask_of(vt, j)
+            m = mask_of(vt, it, j, x0, x1)
             if labels is None:
                 masks[key] = (torch.zeros(m.shape, dtype=q.dtype, device=dev).masked_fill_(~m, float("-inf"))[None],)
             else:
-                masks[key] = (m, mask_of(et, j))
+                masks[key] = (m, mask_of(et, it, j, x0, x1))
         return masks[key]
 
-    untile = "(b n) (nt nx) (tt ty tx) c -> b n nt nx tt ty tx c"
-    dims = dict(b=B, nt=nt, tt=tt, ty=ty)
-    for j in range(ny):
-        kh, vh = (rearrange(x.index_select(2, flat[j]), "b n (c m) d -> (b n) c m d", c=nt * nx) for x in (kf, vf))
-        qj = rearrange(q_split[:, :, j], "b n nt nx tt ty tx d -> (b n) (nt nx) (tt ty tx) d") * scale
+    untile = "(b n) nx (tt ty tx) c -> b n nx tt ty tx c"
+    dims = dict(b=B, tt=tt, ty=ty)
+    for it, j, x0, x1 in blocks:
+        flat = (kt[it][:, None, None] * H + ky[j][None, :, None]) * W + kx[x0:x1, None, None, :]  # (nx, ht, hy, hx)
+        flat = flat.reshape(-1)
+        kh, vh = (rearrange(x.index_select(2, flat), "b n (c m) d -> (b n) c m d", c=x1 - x0) for x in (kf, vf))
+        qb = rearrange(q_split[:, :, it, j, x0:x1], "b n nx tt ty tx d -> (b n) nx (tt ty tx) d") * scale
         if labels is None:
-            (bias,) = masks_of(j)
+            (bias,) = masks_of(it, j, x0, x1)
             # 4-D operands and mask (batch-heads, tiles, ...) so that the fused CPU kernel takes them
-            o = F.scaled_dot_product_attention(qj, kh, vh, attn_mask=bias, scale=1.0)
-            out_split[:, :, j] = rearrange(o, untile, **dims)
+            o = F.scaled_dot_product_attention(qb, kh, vh, attn_mask=bias, scale=1.0)
+            out_split[:, :, it, j, x0:x1] = rearrange(o, untile, **dims)
             continue
-        mask, elig = masks_of(j)
-        probs = _softmax_out(torch.matmul(qj, kh.transpose(-1, -2)), mask)
-        out_split[:, :, j] = rearrange(torch.matmul(probs, vh), untile, **dims)
-        lab = rearrange(lab_flat.index_select(1, flat[j]), "b (c m) -> b c 1 m", c=nt * nx)
+        mask, elig = masks_of(it, j, x0, x1)
+        probs = _softmax_out(torch.matmul(qb, kh.transpose(-1, -2)), mask)
+        out_split[:, :, it, j, x0:x1] = rearrange(torch.matmul(probs, vh), untile, **dims)
+        lab = rearrange(lab_flat.index_select(1, flat), "b (c m) -> b c 1 m", c=x1 - x0)
         a = _affinity(rearrange(probs, "(b n) c q m -> b n c q m", b=B), torch.where(elig, lab, -1), num_objects)
-        aff_split[:, :, j] = rearrange(a, "b n (nt nx) (tt ty tx) o -> b n nt nx tt ty tx o", nt=nt, tt=tt, ty=ty)
+        aff_split[:, :, it, j, x0:x1] = rearrange(a, "b n nx (tt ty tx) o -> b n nx tt ty tx o", tt=tt, ty=ty)
     out = out[:, :, :T, :H, :W]
     if labels is None:
         return out, None
