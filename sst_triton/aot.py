@@ -112,13 +112,15 @@ def compile_one(spec_index: int, config_index: int, arch: int) -> Row:
     return row
 
 
-def run(archs: Sequence[int] = ARCHS, jobs: Optional[int] = None) -> list[Row]:
-    """Compile every registered kernel configuration for every arch (``jobs`` processes)."""
+def run(archs: Sequence[int] = ARCHS, jobs: Optional[int] = None, only: Sequence[str] = ()) -> list[Row]:
+    """Compile every registered kernel configuration for every arch (``jobs`` processes);
+    ``only``: substrings of the kernel names to keep (all when empty)."""
     from .kernels import aot_specs
 
     tasks = [
         (s, c, arch)
         for s, spec in enumerate(aot_specs())
+        if not only or any(part in spec.name for part in only)
         for c in range(len(spec.configs))
         for arch in archs
     ]
@@ -155,16 +157,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS,
                         help="compute capability to compile for (repeatable; default: 80 and 90)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per core)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="compile only kernels whose name contains NAME (repeatable)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    rows = run(tuple(args.arch or ARCHS), args.jobs)
+    rows = run(tuple(args.arch or ARCHS), args.jobs, args.only)
     print(format_table(rows))
     bad = [r for r in rows if r.problems]
     from .kernels import aot_specs
 
     for spec in aot_specs():
-        if spec.note:
+        if spec.note and (not args.only or any(part in spec.name for part in args.only)):
             print(f"{spec.name}: {spec.note}")
     print(f"{len(rows)} compiles in {time.perf_counter() - start:.1f} s, {len(bad)} with problems")
     if args.check and bad:

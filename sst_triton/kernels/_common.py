@@ -5,7 +5,8 @@ Units: logits are kept in base 2 (``scale * log2(e) * q.k``) so the kernels use 
 the epilogue turns the log-sum-exp back into natural log.
 
 Dot precision: float16/bfloat16 operands always run on tensor cores with float32
-accumulation (P is cast to V's dtype before ``P @ V``, as in FlashAttention). float32
+accumulation; P is cast to V's dtype before ``P @ V``, as in FlashAttention and in
+PyTorch's SDPA (the errors then match SDPA's in the same dtype). float32
 operands follow ``torch.backends.cuda.matmul.allow_tf32``: ``"tf32"`` when it is set,
 ``"ieee"`` (exact float32 FMA, no tensor cores) otherwise, so a float32 call is as exact
 as PyTorch's own float32 matmul under the same setting. The interpreter always computes
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import triton
@@ -28,7 +29,31 @@ INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
-def online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION: tl.constexpr):
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """``acc + a @ b``. ``INTERPRET_BF16`` (bfloat16 in Triton's interpreter, whose bfloat16
+    ``tl.dot`` multiplies the raw uint16 storage in triton 3.9) multiplies float32 copies:
+    bf16 x bf16 products are exact in float32, as on tensor cores."""
+    if INTERPRET_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even, as the GPU's ``cvt.rn`` does. Triton 3.9's
+    interpreter truncates float32 -> bfloat16, so under ``INTERPRET_BF16`` the float32 value
+    is rounded first (then the truncation is exact)."""
+    if INTERPRET_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     """One block of keys into the running state of FlashAttention.
 
     Args:
@@ -45,7 +70,7 @@ def online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION: tl.constexpr):
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    acc = dot(cast(p, v.dtype, INTERPRET_BF16), v, acc, DOT_PRECISION, INTERPRET_BF16)
     return m_new, l_i, acc
 
 
@@ -107,7 +132,7 @@ def object_max_vector(s, eligible, key_labels, key_index, a_max, a_arg, BLOCK_O:
 @triton.jit
 def store_results(
     Out, Lse, Aff, Arg, bn, S, D, query_index, query_valid, m_i, l_i, acc, a_max, a_arg,
-    NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+    NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
     """Normalise and write ``out``, ``lse`` and, with objects, ``affinity`` and ``argmax``.
 
@@ -122,7 +147,7 @@ def store_results(
     offs_d = tl.arange(0, BLOCK_D)
     row = bn * S + query_index.to(tl.int64)
     out_ptrs = Out + row[:, None] * D + offs_d[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=query_valid[:, None] & (offs_d[None, :] < D))
+    tl.store(out_ptrs, cast(out, Out.dtype.element_ty, INTERPRET_BF16), mask=query_valid[:, None] & (offs_d[None, :] < D))
     # m_i and log2(l) are base 2; lse is natural log
     tl.store(Lse + row, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, mask=query_valid)
     if NUM_OBJ > 0:
@@ -257,18 +282,26 @@ def fits(config, block_d: int) -> bool:
     return queries_per_program(config) * block_d <= MAX_ACC_PER_THREAD * 32 * config.num_warps
 
 
-def configs_for(configs: list, block_d: int) -> list:
-    """The configurations the autotuner may pick at ``block_d``: those that fit, or the
-    smallest one when none does (head dims past 128: correct, not spill-checked)."""
-    kept = [c for c in configs if fits(c, block_d)]
+def configs_for(configs: list, block_d: int, wide_max_warps: Optional[int] = None) -> list:
+    """The configurations the autotuner may pick at ``block_d``: those that fit (and, with
+    ``wide_max_warps``, use at most that many warps at ``block_d >= 128``), or the smallest
+    one when none does (head dims past 128: correct, not spill-checked)."""
+    kept = [
+        c for c in configs
+        if fits(c, block_d) and (wide_max_warps is None or block_d < 128 or c.num_warps <= wide_max_warps)
+    ]
     if kept:
         return kept
     return [min(configs, key=lambda c: queries_per_program(c) * block_d / c.num_warps)]
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` of every forward kernel's autotuner."""
-    return configs_for(list(configs), kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+def config_pruner(wide_max_warps: Optional[int] = None):
+    """``early_config_prune`` for a forward kernel's autotuner (see :func:`configs_for`)."""
+
+    def prune(configs, named_args, **kwargs):
+        return configs_for(list(configs), kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), wide_max_warps)
+
+    return prune
 
 
 def example_scalars(B: int = 1, N: int = 8, T: int = 4, H: int = 32, W: int = 32, D: int = 64) -> dict[str, int]:
@@ -337,7 +370,10 @@ class AotSpec:
 AOT_HEAD_DIMS = (64, 128)
 
 
-def forward_aot_specs(name: str, kernel: JITFunction, configs: list, scalars: dict, constexprs: dict, note: str):
+def forward_aot_specs(
+    name: str, kernel: JITFunction, configs: list, scalars: dict, constexprs: dict, note: str,
+    wide_max_warps: Optional[int] = None,
+):
     """The AOT specs of a forward kernel: a contiguous bf16 ``(1, 8, 4, 32, 32, D)`` call with
     3 objects at each head dim in :data:`AOT_HEAD_DIMS`, with the configurations the
     autotuner may pick there."""
@@ -349,8 +385,8 @@ def forward_aot_specs(name: str, kernel: JITFunction, configs: list, scalars: di
             pointers=dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", Labels="*i32", Lse="*fp32", Aff="*fp32",
                           Arg="*i32"),
             scalars=dict(example_scalars(D=d), scale_log2=1.0, **scalars),
-            constexprs=dict(NUM_OBJ=3, BLOCK_O=4, BLOCK_D=d, DOT_PRECISION="ieee", **constexprs),
-            configs=configs_for(configs, d),
+            constexprs=dict(NUM_OBJ=3, BLOCK_O=4, BLOCK_D=d, DOT_PRECISION="ieee", INTERPRET_BF16=False, **constexprs),
+            configs=configs_for(configs, d, wide_max_warps),
             note=f"bf16 (1, 8, 4, 32, 32, {d}) contiguous, 3 objects, {note}",
         ))
     return specs

@@ -15,12 +15,13 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    config_pruner,
+    dot,
     forward_aot_specs,
     object_max_block,
     object_max_vector,
     online_softmax_block,
     online_softmax_vector,
-    prune_configs,
     store_results,
 )
 
@@ -30,6 +31,10 @@ CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
+
+# At head dim 128 the column/time phases' [BLOCK_M, BLOCK_D] tiles spill with 8 warps on
+# sm_90a (python -m sst_triton.aot): keep 4 there.
+WIDE_MAX_WARPS = 4
 
 
 @triton.jit
@@ -41,7 +46,7 @@ def grid_fwd(
     N, T, H, W, D,
     scale_log2,
     CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Q, K, V ``(B, N, T, H, W, D)`` with any strides; Labels int32 ``(B, T, H, W)``."""
@@ -62,7 +67,6 @@ def grid_fwd(
     q_base = Q + b * sq_b + n * sq_n + t.to(tl.int64) * sq_t + y.to(tl.int64) * sq_h
     q = tl.load(q_base + qx[:, None].to(tl.int64) * sq_w + offs_d[None, :].to(tl.int64) * sq_d,
                 mask=tile_mask, other=0.0)
-    q32 = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -84,7 +88,7 @@ def grid_fwd(
                      mask=n_valid[None, :] & d_valid[:, None], other=0.0)
         v = tl.load(v_row + kx[:, None].to(tl.int64) * sv_w + offs_d[None, :].to(tl.int64) * sv_d,
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2
+        s = dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PRECISION, INTERPRET_BF16) * scale_log2
         in_pattern = m_valid[:, None] & n_valid[None, :]
         s = tl.where(in_pattern, s, float("-inf"))
         # same frame: never eligible under causal affinity
@@ -92,7 +96,7 @@ def grid_fwd(
             row_start = (t * H + y) * W + start
             key_labels = tl.load(lab_base + row_start + tl.arange(0, BLOCK_N), mask=n_valid, other=-1)
             a_max, a_arg = object_max_block(s, in_pattern, key_labels, row_start, a_max, a_arg, NUM_OBJ, BLOCK_O)
-        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION, INTERPRET_BF16)
 
     # column keys (t, y', x), y' != y: one key per query per step
     k_col = k_base + t.to(tl.int64) * sk_t + qx[:, None].to(tl.int64) * sk_w + offs_d[None, :].to(tl.int64) * sk_d
@@ -103,7 +107,7 @@ def grid_fwd(
         valid = m_valid & (key_y != y)
         k = tl.load(k_col + tl.cast(yy, tl.int64) * sk_h, mask=tile_mask & valid[:, None], other=0.0)
         v = tl.load(v_col + tl.cast(yy, tl.int64) * sv_h, mask=tile_mask & valid[:, None], other=0.0)
-        s = tl.sum(q32 * k.to(tl.float32), axis=1) * scale_log2
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
         s = tl.where(valid, s, float("-inf"))
         if NUM_OBJ > 0 and not CAUSAL_AFF:
             key_index = (t * H + yy) * W + qx
@@ -123,7 +127,7 @@ def grid_fwd(
         valid = m_valid & (key_t != t)
         k = tl.load(k_tube + tl.cast(tt, tl.int64) * sk_t, mask=tile_mask & valid[:, None], other=0.0)
         v = tl.load(v_tube + tl.cast(tt, tl.int64) * sv_t, mask=tile_mask & valid[:, None], other=0.0)
-        s = tl.sum(q32 * k.to(tl.float32), axis=1) * scale_log2
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
         s = tl.where(valid, s, float("-inf"))
         if NUM_OBJ > 0:
             key_index = (tt * H + y) * W + qx
@@ -137,17 +141,17 @@ def grid_fwd(
     query_index = (t * H + y) * W + qx
     store_results(
         Out, Lse, Aff, Arg, b * N + n, S, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
-        NUM_OBJ, BLOCK_D, BLOCK_O,
+        NUM_OBJ, BLOCK_D, BLOCK_O, INTERPRET_BF16,
     )
 
 
 grid_fwd_tuned = triton.autotune(
     CONFIGS,
     key=["N", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUSAL"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": config_pruner(WIDE_MAX_WARPS)},
 )(grid_fwd)
 
 AOT_SPECS = forward_aot_specs(
     "grid_fwd", grid_fwd, CONFIGS, dict(), dict(CAUSAL=True, CAUSAL_AFF=False),
-    "causal, causal_affinity=False (objects in every phase)",
+    "causal, causal_affinity=False (objects in every phase)", WIDE_MAX_WARPS,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import forward_aot_specs, object_max_block, online_softmax_block, prune_configs, store_results
+from ._common import config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
 
 CONFIGS = [
     triton.Config({"TILE_H": 4, "TILE_W": 8, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -45,7 +45,7 @@ def local_fwd(
     N, T, H, W, D, KT, KH, KW,
     scale_log2,
     CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, SHIFT: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Q, K, V ``(B, N, T, H, W, D)`` with any strides; ``KT, KH, KW`` the odd kernel
@@ -110,7 +110,7 @@ def local_fwd(
             v_base + v_rows[:, None] + offs_d[None, :].to(tl.int64) * sv_d,
             mask=n_valid[:, None] & d_valid[None, :], other=0.0,
         )
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2
+        s = dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PRECISION, INTERPRET_BF16) * scale_log2
         in_pattern = (
             m_valid[:, None] & n_valid[None, :]
             & (ky[None, :] >= wy_lo[:, None]) & (ky[None, :] < wy_hi[:, None])
@@ -124,21 +124,21 @@ def local_fwd(
                 eligible = eligible & (kt[None, :] < t)
             # a_arg holds halo offsets until the end
             a_max, a_arg = object_max_block(s, eligible, key_labels, start, a_max, a_arg, NUM_OBJ, BLOCK_O)
-        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION, INTERPRET_BF16)
 
     query_index = (t * H + qy) * W + qx
     if NUM_OBJ > 0:
         a_arg = ((t_lo + a_arg // halo_plane) * H + y_lo + (a_arg // halo_w) % (y_hi - y_lo)) * W + x_lo + a_arg % halo_w
     store_results(
         Out, Lse, Aff, Arg, b * N + n, S, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
-        NUM_OBJ, BLOCK_D, BLOCK_O,
+        NUM_OBJ, BLOCK_D, BLOCK_O, INTERPRET_BF16,
     )
 
 
 local_fwd_tuned = triton.autotune(
     CONFIGS,
     key=["N", "T", "H", "W", "KT", "KH", "KW", "BLOCK_D", "NUM_OBJ", "CAUSAL", "SHIFT"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": config_pruner()},
 )(local_fwd)
 
 AOT_SPECS = forward_aot_specs(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import forward_aot_specs, object_max_block, online_softmax_block, prune_configs, store_results
+from ._common import config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -32,7 +32,7 @@ def strided_fwd(
     N, T, H, W, D, ST, SH, SW,
     scale_log2,
     CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Q, K, V ``(B, N, T, H, W, D)`` with any strides; ``ST, SH, SW`` the pattern
@@ -96,7 +96,7 @@ def strided_fwd(
             v_base + v_rows[:, None] + offs_d[None, :].to(tl.int64) * sv_d,
             mask=n_valid[:, None] & d_valid[None, :], other=0.0,
         )
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2
+        s = dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PRECISION, INTERPRET_BF16) * scale_log2
         in_pattern = n_valid[None, :] & m_valid[:, None]
         if CAUSAL:
             in_pattern = in_pattern & (kt[None, :] <= qt[:, None])
@@ -108,21 +108,21 @@ def strided_fwd(
                 eligible = eligible & (kt[None, :] < qt[:, None])
             # a_arg holds class-local key offsets until the end
             a_max, a_arg = object_max_block(s, eligible, key_labels, start, a_max, a_arg, NUM_OBJ, BLOCK_O)
-        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION, INTERPRET_BF16)
 
     query_index = (qt * H + qy) * W + qx
     if NUM_OBJ > 0:
         a_arg = ((rt + (a_arg // plane) * ST) * H + ry + ((a_arg // nW) % nH) * SH) * W + rx + (a_arg % nW) * SW
     store_results(
         Out, Lse, Aff, Arg, b * N + n, S, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
-        NUM_OBJ, BLOCK_D, BLOCK_O,
+        NUM_OBJ, BLOCK_D, BLOCK_O, INTERPRET_BF16,
     )
 
 
 strided_fwd_tuned = triton.autotune(
     CONFIGS,
     key=["N", "T", "H", "W", "ST", "SH", "SW", "BLOCK_D", "NUM_OBJ", "CAUSAL"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": config_pruner()},
 )(strided_fwd)
 
 AOT_SPECS = forward_aot_specs(
