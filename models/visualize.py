@@ -48,15 +48,15 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, outline: bo
         raise ValueError(f"mask {mask.shape} must have the image's (H, W) {image.shape[:2]}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    mask = mask.astype(np.intp)
-    colour = _COLOURS[mask]
-    out = image.astype(np.float32)
-    fg = mask > 0
-    out[fg] = alpha * out[fg] + (1.0 - alpha) * colour[fg]
+    out = image.copy()
+    fg = mask > 0  # only object pixels are touched: background costs nothing
+    ids = mask[fg].astype(np.intp)
+    blended = alpha * image[fg].astype(np.float32) + (1.0 - alpha) * _COLOURS[ids]
+    out[fg] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     if outline:
         edge = _edges(mask)
-        out[edge] = colour[edge]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        out[edge] = _COLOURS[mask[edge].astype(np.intp)].astype(np.uint8)
+    return out
 
 
 def _atomic_save(path: Path, save) -> None:

@@ -272,3 +272,28 @@ def test_checkpoint_through_the_propagator(tmp_path, capsys):
     assert small.shape == (4, 32, 32)
     np.testing.assert_array_equal(small[0], labels[0].numpy())
     assert json.loads((out2 / "results.json").read_text())["per_object"].keys() == direct["per_object"].keys()
+
+
+def test_overlay_and_gif(tmp_path):
+    from models.mask_io import davis_palette
+    from models.visualize import overlay, save_gif
+
+    palette = np.asarray(davis_palette()).reshape(256, 3)
+    image = np.full((20, 30, 3), 100, np.uint8)
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 10:20] = 2
+    out = overlay(image, mask, alpha=0.25)
+    assert (out[0, 0] == 100).all()  # background untouched
+    assert (out[10, 15] == np.rint(0.25 * 100 + 0.75 * palette[2])).all()  # inside: blended
+    assert (out[5, 15] == palette[2]).all() and (out[10, 10] == palette[2]).all()  # outline: full colour
+    assert (out[4, 15] == 100).all()  # the outline stays inside the object
+    with pytest.raises(ValueError, match="mask"):
+        overlay(image, mask[:-1])
+    with pytest.raises(ValueError, match="uint8"):
+        overlay(image.astype(np.float32), mask)
+    save_gif(tmp_path / "a.gif", [out, image, out], fps=5, max_width=15)
+    with Image.open(tmp_path / "a.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (15, 10) and gif.info["duration"] == 200
+    with pytest.raises(ValueError, match="no frames"):
+        save_gif(tmp_path / "b.gif", [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]
