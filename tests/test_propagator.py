@@ -107,6 +107,14 @@ def test_without_keep_first_the_buffer_slides(model):
     assert calls == [1] * 6
 
 
+def test_tau_one_with_keep_first_matches_against_the_first_frame_only(model):
+    frames, masks = moving_squares(T=4)
+    prop = Propagator(model, tau=1, keep_first=True)
+    for t in range(4):
+        prop.step(frames[t], masks[0] if t == 0 else None)
+    assert [e.index for e in prop.buffer] == [0]
+
+
 def test_remove_an_object(model):
     frames, masks = moving_squares(T=11)
     prop = Propagator(model, tau=3)
