@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 ARCHS = (80, 90)
+# PTX of tensor-core products: Hopper's warpgroup MMA and Ampere-style warp MMA
+TENSOR_CORE_PTX = (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync"))
 
 
 @dataclass
@@ -84,15 +86,19 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
 
 
 def compile_one(spec_index: int, config_index: int, arch: int) -> Row:
-    """Compile one (kernel, configuration, arch) and measure it."""
+    """Compile configuration ``config_index`` of registered spec ``spec_index`` (a worker task)."""
+    from .kernels import aot_specs
+
+    spec = aot_specs()[spec_index]
+    return compile_spec(spec, spec.configs[config_index], arch)
+
+
+def compile_spec(spec, config, arch: int) -> Row:
+    """Compile one (kernel, configuration, arch) and measure it; failures land in ``Row.error``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import aot_specs
-
-    spec = aot_specs()[spec_index]
-    config = spec.configs[config_index]
     row = Row(spec.name, _config_text(config), f"sm_{arch}" + ("a" if arch >= 90 else ""))
     start = time.perf_counter()
     try:
@@ -102,7 +108,7 @@ def compile_one(spec_index: int, config_index: int, arch: int) -> Row:
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = kernel.asm["ptx"]
         row.dots = len(re.findall(r"\btt\.dot\b", kernel.asm["ttir"]))
-        kinds = [name for name, pattern in (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync")) if re.search(pattern, ptx)]
+        kinds = [name for name, pattern in TENSOR_CORE_PTX if re.search(pattern, ptx)]
         row.tensor_cores = "+".join(kinds) or "-"
         row.shared_bytes = int(kernel.metadata.shared)
         row.registers, row.spill_bytes = _ptxas_resources(ptx, arch)
@@ -160,6 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="compile only kernels whose name contains NAME (repeatable)")
     args = parser.parse_args(argv)
+    # Triton 3.9 warns once per process when FP fusion is left to its default; fusion is
+    # what the JIT uses today, so say so (workers inherit it)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     start = time.perf_counter()
     rows = run(tuple(args.arch or ARCHS), args.jobs, args.only)

@@ -104,7 +104,7 @@ def forward(
         if pattern.kind == "strided":
             st, sh, sw = (min(s, n) for s, n in zip(pattern.stride, (T, H, W)))
             largest = -(-T // st) * -(-H // sh) * -(-W // sw)  # class (0, 0, 0) is the largest
-            grid = lambda m: (-(-largest // m["BLOCK_M"]), st * sh * sw, B * N)  # noqa: E731
+            grid = lambda m: (triton.cdiv(largest, m["BLOCK_M"]) * st * sh * sw, B * N)  # noqa: E731
             args = (*pointers, *strides, N, T, H, W, D, st, sh, sw, scale_log2)
             _launch(strided_fwd, "strided_fwd", grid, args, meta, interpret)
         elif pattern.kind == "local":
@@ -113,7 +113,7 @@ def forward(
             args = (*pointers, *strides, N, T, H, W, D, kt, kh, kw, scale_log2)
             _launch(local_fwd, "local_fwd", grid, args, {**meta, "SHIFT": pattern.boundary == "shift"}, interpret)
         elif pattern.kind == "grid":
-            grid = lambda m: (triton.cdiv(W, m["BLOCK_M"]), T * H, B * N)  # noqa: E731
+            grid = lambda m: (triton.cdiv(W, m["BLOCK_M"]) * T * H, B * N)  # noqa: E731
             args = (*pointers, *strides, N, T, H, W, D, scale_log2)
             _launch(grid_fwd, "grid_fwd", grid, args, meta, interpret)
         else:

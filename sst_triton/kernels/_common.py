@@ -247,10 +247,14 @@ def _make_interpreted(kernel: JITFunction):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for float32 operands (see the module docstring)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``tl.dot`` input precision for float32 operands (see the module docstring): PyTorch's
+    own setting for float32 CUDA matmuls, ``fp32_precision`` where set, else ``allow_tf32``."""
+    if dtype != torch.float32:
+        return "ieee"  # unused: 16-bit operands always take the tensor-core path
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if setting in ("tf32", "ieee"):
+        return setting
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def block_d(D: int) -> int:

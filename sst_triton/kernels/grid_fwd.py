@@ -7,7 +7,7 @@ Column keys ``(t, y', x)`` and time keys ``(t', y, x)`` differ per query, but fo
 batch of ``BLOCK_M`` vector products: bandwidth-bound, which suits the ``O(T + H + W)``
 keys per query. The query itself is counted once, in the row.
 
-Grid: ``(cdiv(W, BLOCK_M), T * H, B * N)``.
+Grid: ``(cdiv(W, BLOCK_M) * T * H, B * N)``.
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ def grid_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Q, K, V ``(B, N, T, H, W, D)`` with any strides; Labels int32 ``(B, T, H, W)``."""
-    pid_x = tl.program_id(0)
-    row = tl.program_id(1)
-    pid_bn = tl.program_id(2)
+    blocks = tl.cdiv(W, BLOCK_M)
+    pid_x = tl.program_id(0) % blocks
+    row = tl.program_id(0) // blocks
+    pid_bn = tl.program_id(1)
     t = row // H
     y = row % H
     b = (pid_bn // N).to(tl.int64)

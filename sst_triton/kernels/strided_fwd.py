@@ -6,7 +6,7 @@ every residue class ``(t mod st, y mod sh, x mod sw)`` is a dense attention prob
 takes ``BLOCK_M`` queries of one class and walks the class's keys ``BLOCK_N`` at a time
 with ``tl.dot`` for ``Q K^T`` and ``P V``.
 
-Grid: ``(cdiv(max class size, BLOCK_M), classes, B * N)``.
+Grid: ``(cdiv(largest class, BLOCK_M) * classes, B * N)``.
 """
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ def strided_fwd(
 ):
     """Q, K, V ``(B, N, T, H, W, D)`` with any strides; ``ST, SH, SW`` the pattern
     strides clipped to the axis lengths (the launcher's job); Labels int32 ``(B, T, H, W)``."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_bn = tl.program_id(2)
+    # (query block, class) share axis 0: classes alone can pass the 65535 limit of axis 1
+    blocks = tl.cdiv(tl.cdiv(T, ST) * tl.cdiv(H, SH) * tl.cdiv(W, SW), BLOCK_M)
+    pid_m = tl.program_id(0) % blocks
+    pid_c = tl.program_id(0) // blocks
+    pid_bn = tl.program_id(1)
     rx = pid_c % SW
     ry = (pid_c // SW) % SH
     rt = pid_c // (SW * SH)

@@ -1,0 +1,85 @@
+"""``python -m sst_triton.aot --check``: every kernel configuration compiles for sm_80 and
+sm_90a with no GPU, without spills, with tensor-core instructions wherever ``tl.dot`` is used."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+import triton.language as tl
+
+from sst_triton import aot
+from sst_triton.kernels import KERNEL_MODULES, aot_specs
+from sst_triton.kernels._common import AotSpec
+
+
+def test_aot_check_passes_for_every_registered_configuration():
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "sst_triton.aot", "--check"], capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    for spec in aot_specs():
+        for config in spec.configs:
+            for arch in ("sm_80", "sm_90a"):
+                hits = [
+                    r for r in rows
+                    if r and r[0] == spec.name and arch in r and " ".join(r).find(aot._config_text(config)) >= 0
+                ]
+                assert len(hits) == 1, f"no row for {spec.name} [{aot._config_text(config)}] {arch}"
+                assert hits[0][-1] == "ok", " ".join(hits[0])
+    # a dot kernel reports tensor cores on Hopper as wgmma or mma
+    assert any("wgmma" in r for r in rows)
+
+
+@pytest.mark.parametrize("module_name", [m for m in KERNEL_MODULES if m.endswith("_fwd")])
+def test_aot_specs_cover_every_config_the_autotuner_may_pick(module_name):
+    """For each checked head dim, the AOT spec lists exactly what the autotuner keeps."""
+    module = importlib.import_module(f"sst_triton.kernels.{module_name}")
+    tuned = getattr(module, f"{module_name}_tuned")
+    assert list(tuned.configs) == list(module.CONFIGS)
+    assert len(module.CONFIGS) <= 4
+    prune = tuned.early_config_prune
+    for spec in module.AOT_SPECS:
+        block_d = spec.constexprs["BLOCK_D"]
+        kept = prune(module.CONFIGS, {}, BLOCK_D=block_d)
+        assert [aot._config_text(c) for c in kept] == [aot._config_text(c) for c in spec.configs]
+        # the interpreter's configuration is one the GPU may run too
+        assert aot._config_text(module.CONFIGS[0]) in [aot._config_text(c) for c in spec.configs]
+        for config in spec.configs:
+            blocks = [v for k, v in config.kwargs.items() if k.startswith("BLOCK")]
+            assert min(blocks) >= 16, "tl.dot needs blocks of at least 16"
+
+
+@triton.jit
+def _fp32_ieee_dot(A, B, C, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    a = tl.load(A + offs[:, None] * BLOCK + offs[None, :])
+    b = tl.load(B + offs[:, None] * BLOCK + offs[None, :])
+    tl.store(C + offs[:, None] * BLOCK + offs[None, :], tl.dot(a, b, input_precision="ieee"))
+
+
+def test_check_flags_a_dot_without_tensor_cores():
+    """IEEE float32 dot runs on FMA units: the check must call that out, so it can fail."""
+    spec = AotSpec(
+        name="fp32_ieee_dot", kernel=_fp32_ieee_dot, pointers=dict(A="*fp32", B="*fp32", C="*fp32"),
+        scalars={}, constexprs=dict(BLOCK=32), configs=[triton.Config({}, num_warps=4, num_stages=1)],
+    )
+    row = aot.compile_spec(spec, spec.configs[0], 90)
+    assert not row.error and row.registers and row.spill_bytes == 0
+    assert row.dots == 1 and row.tensor_cores == "-"
+    assert any("without tensor-core" in p for p in row.problems)
+    assert "without tensor-core" in aot.format_table([row])
+
+
+def test_check_reports_compile_failures():
+    spec = AotSpec(
+        name="bf16_dot", kernel=_fp32_ieee_dot, pointers=dict(A="*bf16", B="*bf16", C="*fp32"),
+        scalars={}, constexprs=dict(BLOCK=8), configs=[triton.Config({}, num_warps=4, num_stages=1)],
+    )
+    row = aot.compile_spec(spec, spec.configs[0], 80)  # a bf16 tl.dot needs blocks of at least 16
+    assert row.error and any("compile failed" in p for p in row.problems)
