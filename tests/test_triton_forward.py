@@ -67,7 +67,7 @@ FP32_CASES = [
     (Pattern.strided((5, 1, 7)), (1, 1, 3, 4, 6, 8), False),  # strides past the axis
     (Pattern.local(3), (1, 2, 3, 5, 9, 12), True),
     (Pattern.local((3, 5, 3), boundary="shift", causal=True), (1, 2, 4, 6, 5, 40), False),
-    (Pattern.local((5, 9, 3)), (1, 1, 3, 5, 6, 16), False),  # kernel past the axis
+    (Pattern.local((5, 9, 3)), (1, 1, 3, 5, 6, 100), False),  # kernel past the axis; D pads to 128
     (Pattern.grid(), (1, 2, 3, 4, 40, 12), False),  # a row of 40 keys: two row blocks
     (Pattern.grid(causal=True), (2, 1, 4, 5, 6, 24), True),
 ]
@@ -230,3 +230,29 @@ def test_interpreter_twins_leave_compiled_kernels_alone():
     assert isinstance(strided_fwd.strided_fwd, JITFunction)
     assert isinstance(_common.online_softmax_block, JITFunction)
     assert not isinstance(twin, JITFunction)
+
+
+def test_nan_reaches_exactly_the_queries_that_attend_it():
+    """A NaN key poisons the queries whose pattern holds it and no other (a dense masked SDPA
+    on CPU poisons every row: its masked-out products still see the NaN)."""
+    pattern = Pattern.local((1, 3, 3))
+    q, k, v, _ = _inputs((1, 1, 2, 5, 6, 8))
+    j = (1 * 5 + 2) * 6 + 3  # cell (1, 2, 3)
+    k = k.clone()
+    rearrange(k, "b n t h w d -> b n (t h w) d")[0, 0, j, 0] = float("nan")
+    out, _, _, _ = forward(q, k, v, pattern, None)
+    poisoned = rearrange(out.isnan().any(-1), "b n t h w -> (b n t h w)")
+    expected = dense_mask(pattern, 2, 5, 6)[:, j]
+    assert torch.equal(poisoned, expected)
+
+
+def test_float32_dot_precision_follows_torch(monkeypatch):
+    from sst_triton.kernels._common import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        monkeypatch.setattr(matmul, "fp32_precision", "none", raising=False)
+    monkeypatch.setattr(matmul, "allow_tf32", False)
+    assert dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(matmul, "allow_tf32", True)
+    assert dot_precision(torch.float32) == "tf32"
