@@ -31,7 +31,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 
 from models.checkpoint import load_checkpoint, save_checkpoint, save_json
-from models.datasets import ClipSampler, SyntheticClips, open_dataset, select_objects
+from models.datasets import ClipSampler, SyntheticClips, open_dataset, perturb_labels, select_objects
 from models.losses import vos_loss
 
 ATTN = ("grid", "local", "strided", "local_strided")
@@ -44,6 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--dim", type=int, default=None, help="encoder channels (SST default when unset)")
     g.add_argument("--layers", type=int, default=None, help="encoder layers (SST default when unset)")
     g.add_argument("--heads", type=int, default=None, help="attention heads (SST default when unset)")
+    g.add_argument("--backbone-stride", type=int, default=8,
+                   help="backbone output stride; 8 gives 8x8 attention maps at the default 64x64 crop, cheap enough for a CPU")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other SST keyword argument; VALUE is parsed as JSON when it can be (repeatable)")
     g = p.add_argument_group("data")
@@ -52,10 +54,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--split", default=None, help="split of a DAVIS or YouTube-VOS folder (default: train)")
     g.add_argument("--texture-dir", default=None, help="images to texture the synthetic videos with")
     g.add_argument("--crop", type=int, default=64, help="training clips are CROP x CROP pixels")
-    g.add_argument("--frames", type=int, default=4, help="frames per training clip (the last is segmented)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="frames per training clip, the last one segmented (default: tau + 1, what the propagator's buffer holds)")
     g.add_argument("--max-objects", type=int, default=3, help="objects per clip, at most")
+    g.add_argument("--perturb", type=float, default=0.5,
+                   help="probability that a middle reference frame's labels are shifted/grown/shrunk (mimics propagated masks)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    g.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=4, help="clips per step and per process")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW; warm-up, then cosine decay)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
@@ -84,7 +89,7 @@ def _json_value(text: str) -> Any:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"attn": args.attn, "tau": args.tau}
+    kwargs: dict[str, Any] = {"attn": args.attn, "tau": args.tau, "backbone_stride": args.backbone_stride}
     for name, key in (("dim", "dim"), ("layers", "depth"), ("heads", "heads")):
         if getattr(args, name) is not None:
             kwargs[key] = getattr(args, name)
@@ -98,6 +103,8 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad values before anything is built."""
+    if args.frames is None:
+        args.frames = args.tau + 1
     for name in ("steps", "batch_size", "crop", "tau", "ckpt_every", "max_objects"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -129,7 +136,8 @@ def step_rng(seed: int, step: int, rank: int, stream: int) -> np.random.Generato
     return np.random.default_rng([seed & 0xFFFFFFFF, step, rank, stream])
 
 
-def make_batch(source, batch_size: int, frames: int, max_objects: int, seed: int, step: int, rank: int):
+def make_batch(source, batch_size: int, frames: int, max_objects: int, seed: int, step: int, rank: int,
+               perturb: float = 0.0):
     """A batch: video ``(B, T, 3, S, S)``, labels ``(B, T, S, S)``, the object count of each
     sample with the background ``(B,)``, and ``valid`` ``(B, O)`` marking each sample's objects
     (``O`` the largest count)."""
@@ -137,6 +145,10 @@ def make_batch(source, batch_size: int, frames: int, max_objects: int, seed: int
     for i in range(batch_size):
         video, lab = source.sample(step_rng(seed, step, rank, 1000 + i))
         lab, k = select_objects(lab, frames - 1, max_objects)
+        if perturb > 0:
+            # the first frame's mask is given at inference, the later buffer frames are predictions
+            lab = perturb_labels(lab, range(1, frames - 1), step_rng(seed, step, rank, 2000 + i), prob=perturb,
+                                 max_shift=max(1, video.shape[-1] // 16), max_grow=max(1, video.shape[-1] // 32))
         videos.append(video)
         labels.append(lab)
         counts.append(k)
@@ -343,7 +355,7 @@ def train(args: argparse.Namespace) -> Path:
         config = {
             "model": model_kwargs(args),
             "data": {"name": args.data, "split": args.split, "texture_dir": args.texture_dir, "crop": args.crop,
-                     "frames": args.frames, "max_objects": args.max_objects},
+                     "frames": args.frames, "max_objects": args.max_objects, "perturb": args.perturb},
             "optim": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                       "weight_decay": args.weight_decay, "warmup": min(args.warmup, args.steps), "amp": args.amp},
             "tau": args.tau,
@@ -390,7 +402,8 @@ def train(args: argparse.Namespace) -> Path:
     tic, clips = time.perf_counter(), 0
     for step in range(start, opt["steps"]):
         video, labels, num_objects, valid = make_batch(
-            source, opt["batch_size"], config["data"]["frames"], config["data"]["max_objects"], seed, step, rank
+            source, opt["batch_size"], config["data"]["frames"], config["data"]["max_objects"], seed, step, rank,
+            config["data"]["perturb"],
         )
         # dropout and any other torch randomness of this step: a function of (seed, step, rank)
         torch.manual_seed(int(step_rng(seed, step, rank, 0).integers(2**62)))

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
@@ -229,6 +230,42 @@ def select_objects(labels: torch.Tensor, num_reference: int, max_objects: int) -
     lut = torch.zeros(len(counts), dtype=torch.int64)
     lut[present] = torch.arange(1, len(present) + 1)
     return lut[labels.long()], len(present)
+
+
+def perturb_labels(labels: torch.Tensor, frames: Sequence[int], rng: np.random.Generator,
+                   max_shift: int = 4, max_grow: int = 2, prob: float = 0.5) -> torch.Tensor:
+    """Corrupt some frames' labels the way propagated masks go wrong: each object shifted by up
+    to ``max_shift`` pixels and grown or shrunk by up to ``max_grow``.
+
+    At inference the buffer holds the model's own predictions, not the truth; training on
+    slightly wrong reference labels teaches the model to correct errors instead of copying them.
+
+    Args:
+        labels: ``(T, H, W)`` ids.
+        frames: the frames that may be corrupted (each with probability ``prob``).
+
+    Returns:
+        a corrupted copy.
+    """
+    out = labels.clone()
+    H, W = labels.shape[1:]
+    for t in frames:
+        if rng.random() >= prob:
+            continue
+        ids = [int(o) for o in torch.unique(labels[t]) if o > 0]
+        frame = torch.zeros_like(labels[t])
+        for o in [ids[i] for i in rng.permutation(len(ids))]:  # random depth order of the corrupted masks
+            mask = (labels[t] == o).float()[None, None]
+            dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, 2))
+            mask = F.pad(mask, (max_shift,) * 4)[..., max_shift - dy : max_shift - dy + H, max_shift - dx : max_shift - dx + W]
+            grow = int(rng.integers(-max_grow, max_grow + 1))
+            if grow > 0:
+                mask = F.max_pool2d(mask, 2 * grow + 1, 1, grow)
+            elif grow < 0:
+                mask = -F.max_pool2d(-mask, -2 * grow + 1, 1, -grow)
+            frame[mask[0, 0] > 0] = o
+        out[t] = frame
+    return out
 
 
 class SyntheticClips:

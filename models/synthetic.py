@@ -139,17 +139,17 @@ def _scene(video_id: int, max_objects: int, textures: Optional[Sequence[Path]]) 
         amp = rng.uniform(0, 0.22, k) / np.arange(1, k + 1)
         # a swing wide enough carries the object out of the frame and back in
         wide = rng.random() < 0.3
-        swing = rng.uniform(0.25, 0.4, 2) if wide else rng.uniform(0.0, 0.15, 2)
+        swing = rng.uniform(0.2, 0.35, 2) if wide else rng.uniform(0.0, 0.12, 2)
         objects.append(
             _Object(
                 shape=np.stack([amp, rng.uniform(0, 2 * np.pi, k)]).astype(np.float32),
                 texture=texture(OBJECT_TEXTURE, 0.6),
                 center=rng.uniform(0.25, 0.75, 2),
-                velocity=rng.normal(0, 0.006, 2),
+                velocity=rng.normal(0, 0.005, 2),
                 swing=swing,
-                swing_freq=float(rng.uniform(0.06, 0.15)),
+                swing_freq=float(rng.uniform(0.05, 0.12)),
                 swing_phase=rng.uniform(0, 2 * np.pi, 2),
-                radius=float(rng.uniform(0.12, 0.22)),
+                radius=float(rng.uniform(0.14, 0.24)),
                 grow=float(rng.uniform(0.0, 0.3)),
                 grow_freq=float(rng.uniform(0.05, 0.2)),
                 grow_phase=float(rng.uniform(0, 2 * np.pi)),
@@ -161,7 +161,7 @@ def _scene(video_id: int, max_objects: int, textures: Optional[Sequence[Path]]) 
     return _Scene(
         objects=tuple(objects),
         background=texture(BACKGROUND_TEXTURE, 0.3),
-        pan=rng.normal(0, 0.008, 2),
+        pan=rng.normal(0, 0.006, 2),
         pan_swing=rng.uniform(0, 0.08, 2),
         pan_freq=float(rng.uniform(0.05, 0.15)),
         pan_phase=float(rng.uniform(0, 2 * np.pi)),

@@ -18,6 +18,7 @@ from models.datasets import (
     detect_layout,
     load_sequence,
     open_dataset,
+    perturb_labels,
     select_objects,
     youtube_vos,
 )
@@ -60,8 +61,8 @@ def test_train_and_validation_ids_are_disjoint():
 
 
 def test_validation_videos_move_occlude_and_leave_the_frame():
-    videos = validation_videos(8, 24, 32, 32)
-    again = validation_videos(8, 24, 32, 32)
+    videos = validation_videos(6, 30, 32, 32)
+    again = validation_videos(6, 30, 32, 32)
     assert [n for n, _, _ in videos] == [n for n, _, _ in again]
     assert all(torch.equal(a[2], b[2]) for a, b in zip(videos, again))
     copy_iou, left_and_back, several = [], False, False
@@ -111,6 +112,20 @@ def test_select_objects_keeps_reference_objects_only():
     assert out[0, 0, 0] == 2 and out[1, 1, 1] == 1 and out[2, 3, 3] == 2 and out[2, 2, 2] == 0
     out, k = select_objects(labels, 2, max_objects=1)
     assert k == 1 and int(out.max()) == 1
+
+
+def test_perturb_labels_corrupts_only_the_chosen_frames():
+    _, labels = render_video(3, 4, 32, 32)
+    out = perturb_labels(labels, range(1, 3), np.random.default_rng(0), max_shift=3, max_grow=1, prob=1.0)
+    again = perturb_labels(labels, range(1, 3), np.random.default_rng(0), max_shift=3, max_grow=1, prob=1.0)
+    assert torch.equal(out, again)
+    assert torch.equal(out[0], labels[0]) and torch.equal(out[3], labels[3])
+    assert any(not torch.equal(out[t], labels[t]) for t in (1, 2))
+    for t in (1, 2):
+        assert set(torch.unique(out[t]).tolist()) <= set(torch.unique(labels[t]).tolist())
+        # shifted by at most 3 pixels and grown by at most 1: the masks still overlap the truth
+        assert ((out[t] > 0) & (labels[t] > 0)).sum() > 0.3 * (labels[t] > 0).sum()
+    assert torch.equal(perturb_labels(labels, range(1, 3), np.random.default_rng(0), prob=0.0), labels)
 
 
 # ----------------------------------------------------------------------------- loaders
