@@ -143,8 +143,8 @@ def format_rooflines(rows: list[Roofline], measured: Optional[dict] = None) -> s
         if measured is not None:
             m = measured.get((r.pattern, h))
             line += f"{m * 1e6:>9.1f}{100 * r.seconds / m:>7.1f}%" if m else f"{'-':>9}{'-':>8}"
-        lines.append(line)
-    return "\n".join(lines)
+        lines.append(line.rstrip())
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main() -> None:
