@@ -55,9 +55,9 @@ warnings (scored as the official evaluation does, unless said otherwise):
   a sequence whose first ground-truth frame is empty: no object scored, as officially;
   prediction files without a ground-truth frame: ignored, as officially;
   an object id never predicted in the scored frames: scored as an empty prediction
-  (the official script stops here instead);
-  8-bit 0/255 masks are object 1 (DAVIS 2016), where the official 2017 code would read 255
-  as void (ground truth) or as id 255 (predictions).
+  (the official script stops here instead).
+note: 8-bit 0/255 masks are read as object 1 (DAVIS 2016 format), where the official 2017
+code would read 255 as void (ground truth) or as id 255 (predictions).
 """
 
 
