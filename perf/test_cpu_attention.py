@@ -41,7 +41,7 @@ def test_forward(benchmark, perf_results, impl, pattern_name, size):
     perf_results[("forward", (pattern_name, size), impl)] = dict(time=benchmark.stats.stats.min, **mem)
 
 
-SCALING = [(4, 16), (4, 32), (4, 64), (8, 64), (4, 128)]
+SCALING = [(4, 16), (4, 32), (4, 64), (8, 64)]
 
 
 @pytest.mark.parametrize("T,size", SCALING, ids=[f"T{t}-HW{s}" for t, s in SCALING])
@@ -52,6 +52,6 @@ def test_scaling(benchmark, perf_results, pattern_name, T, size):
     benchmark.group = f"scaling {pattern_name}"
     q, k, v = make_inputs(size, T=T)
     with torch.no_grad():
-        benchmark.pedantic(sparse_attention, args=(q, k, v, CASES[pattern_name]), rounds=3, warmup_rounds=1)
+        benchmark.pedantic(sparse_attention, args=(q, k, v, CASES[pattern_name]), rounds=2, warmup_rounds=1)
     benchmark.extra_info["S"] = S
     perf_results[("scaling", pattern_name, S)] = benchmark.stats.stats.min
