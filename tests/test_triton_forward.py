@@ -246,13 +246,19 @@ def test_nan_reaches_exactly_the_queries_that_attend_it():
     assert torch.equal(poisoned, expected)
 
 
-def test_float32_dot_precision_follows_torch(monkeypatch):
+def test_float32_dot_precision_follows_torch():
     from sst_triton.kernels._common import dot_precision
 
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        monkeypatch.setattr(matmul, "fp32_precision", "none", raising=False)
-    monkeypatch.setattr(matmul, "allow_tf32", False)
-    assert dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(matmul, "allow_tf32", True)
-    assert dot_precision(torch.float32) == "tf32"
+    saved_tf32 = matmul.allow_tf32
+    saved_precision = getattr(matmul, "fp32_precision", None)
+    try:
+        matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == "ieee"  # 16-bit operands: tensor cores regardless
+    finally:
+        matmul.allow_tf32 = saved_tf32
+        if saved_precision is not None:
+            matmul.fp32_precision = saved_precision
