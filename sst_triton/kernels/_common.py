@@ -24,8 +24,6 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 LOG2E = math.log2(math.e)
-NEG_INF = float("-inf")
-INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -264,10 +262,6 @@ def block_d(D: int) -> int:
 
 def block_o(num_objects: int) -> int:
     return max(2, triton.next_power_of_2(max(1, num_objects)))
-
-
-def tensor_strides(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.stride())
 
 
 # An fp32 [BLOCK_M, BLOCK_D] accumulator of at most this many registers per thread keeps
