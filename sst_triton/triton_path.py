@@ -122,19 +122,3 @@ def forward(
     if not num_obj:
         return out, None, lse, None
     return out, aff, lse, arg
-
-
-def sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: Pattern,
-    scale: Optional[float] = None,
-    labels: Optional[torch.Tensor] = None,
-    num_objects: Optional[int] = None,
-    causal_affinity: bool = True,
-):
-    """Forward only, shaped like :func:`sst_triton.torch_path.sparse_attention`:
-    ``out``, or ``(out, affinity)`` with labels."""
-    out, aff, _, _ = forward(q, k, v, pattern, scale, labels, num_objects, causal_affinity)
-    return out if labels is None else (out, aff)
