@@ -60,7 +60,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--perturb", type=float, default=0.5,
                    help="probability that a middle reference frame's labels are shifted/grown/shrunk (mimics propagated masks)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    g.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=4, help="clips per step and per process")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW; warm-up, then cosine decay)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
