@@ -225,32 +225,16 @@ def propagate(model: torch.nn.Module, video: torch.Tensor, first: torch.Tensor, 
     """
     from models import Propagator
 
-    objects = [int(o) for o in torch.unique(first) if o > 0]
     prop = Propagator(model, tau=tau, keep_first=True)
-    preds = [first.to(torch.uint8)]
-    prop.step(video[0].to(device), mask=first, objects=objects)
-    ids = torch.tensor([0] + prop.objects, dtype=torch.uint8)  # channel -> object id
-    for t in range(1, video.shape[0]):
-        probs = prop.step(video[t].to(device))  # (1 + K, H, W), background first
-        preds.append(ids[probs.argmax(0).cpu()])
-    return torch.stack(preds)
+    return prop.segment_video((frame.to(device) for frame in video), {0: first}).to(torch.uint8)
 
 
-def overlay(video: torch.Tensor, ids: torch.Tensor, alpha: float = 0.55) -> np.ndarray:
+def overlay(video: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
     """Frames with their ids painted in the DAVIS palette: ``(T, H, W, 3)`` uint8."""
-    from models.mask_io import davis_palette
+    from models.visualize import overlay as paint
 
-    palette = torch.tensor(davis_palette(), dtype=torch.float32).reshape(256, 3) / 255
-    ids = ids.long()
-    colours = rearrange(palette[ids], "t h w c -> t c h w")
-    painted = torch.where(ids[:, None] > 0, (1 - alpha) * video + alpha * colours, video)
-    # object outlines in full colour, so that touching objects stay apart
-    edge = torch.zeros_like(ids, dtype=torch.bool)
-    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
-    edge[:, :, 1:] |= ids[:, :, 1:] != ids[:, :, :-1]
-    edge &= ids > 0
-    painted = torch.where(edge[:, None], colours, painted)
-    return (rearrange(painted, "t c h w -> t h w c").clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    frames = (rearrange(video, "t c h w -> t h w c").clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return np.stack([paint(frame, mask) for frame, mask in zip(frames, ids.numpy())])
 
 
 def save_overlays(path: Path, video: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, columns: int = 8) -> None:
