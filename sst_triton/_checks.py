@@ -40,6 +40,21 @@ def check_scale(scale) -> Optional[float]:
     return float(scale)
 
 
+def check_pattern(pattern) -> None:
+    from .patterns import Pattern
+
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern must be a sst_triton.Pattern (Pattern.grid(), Pattern.local(k), Pattern.strided(s)), "
+            f"got {type(pattern).__name__}"
+        )
+
+
+def check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', 'torch', 'triton' or None, got {backend!r}")

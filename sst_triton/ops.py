@@ -46,6 +46,8 @@ def sparse_attention(
     """Attention of every cell over its :class:`Pattern` (see :func:`grid_attention`)."""
     q, k, v = _autocast_qkv(q, k, v)
     _checks.check_qkv(q, k, v)
+    _checks.check_pattern(pattern)
+    _checks.check_flag(causal_affinity, "causal_affinity")
     scale = _checks.check_scale(scale)
     _checks.check_backend(backend)
     # The range of label values is data: reading it would break a compiled graph, so the
