@@ -27,6 +27,13 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
+def class_cell(offs, rt, ry, rx, nH, nW, ST, SH, SW):
+    """``(t, y, x)`` of the class-local offsets ``offs`` of residue class ``(rt, ry, rx)``,
+    whose ``nT x nH x nW`` cells are numbered time-major (strided attention)."""
+    return rt + (offs // (nH * nW)) * ST, ry + ((offs // nW) % nH) * SH, rx + (offs % nW) * SW
+
+
+@triton.jit
 def dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     """``acc + a @ b``. ``INTERPRET_BF16`` (bfloat16 in Triton's interpreter, whose bfloat16
     ``tl.dot`` multiplies the raw uint16 storage in triton 3.9) multiplies float32 copies:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import class_cell
 from .common_bwd import aot_spec, dkdv_block, dq_block, load_cells, object_grad, store_cells
 
 # Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
@@ -63,9 +64,7 @@ def strided_bwd_dq(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < size
-    qt = rt + (offs_m // plane) * ST
-    qy = ry + ((offs_m // nW) % nH) * SH
-    qx = rx + (offs_m % nW) * SW
+    qt, qy, qx = class_cell(offs_m, rt, ry, rx, nH, nW, ST, SH, SW)
     q_index = (qt * H + qy) * W + qx
     q = load_cells(Q + b * sq_b + n * sq_n, qt, qy, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
     do = load_cells(DO + b * sdo_b + n * sdo_n, qt, qy, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
@@ -83,9 +82,7 @@ def strided_bwd_dq(
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        kt = rt + (offs_n // plane) * ST
-        ky = ry + ((offs_n // nW) % nH) * SH
-        kx = rx + (offs_n % nW) * SW
+        kt, ky, kx = class_cell(offs_n, rt, ry, rx, nH, nW, ST, SH, SW)
         k = load_cells(k_base, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
         v = load_cells(v_base, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
         in_pattern = m_valid[:, None] & n_valid[None, :]
@@ -134,9 +131,7 @@ def strided_bwd_dkdv(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < size
-    kt = rt + (offs_n // plane) * ST
-    ky = ry + ((offs_n // nW) % nH) * SH
-    kx = rx + (offs_n % nW) * SW
+    kt, ky, kx = class_cell(offs_n, rt, ry, rx, nH, nW, ST, SH, SW)
     k_index = (kt * H + ky) * W + kx
     k = load_cells(K + b * sk_b + n * sk_n, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
     v = load_cells(V + b * sv_b + n * sv_n, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
@@ -152,9 +147,7 @@ def strided_bwd_dkdv(
     for start in range(lo, size, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_valid = offs_m < size
-        qt = rt + (offs_m // plane) * ST
-        qy = ry + ((offs_m // nW) % nH) * SH
-        qx = rx + (offs_m % nW) * SW
+        qt, qy, qx = class_cell(offs_m, rt, ry, rx, nH, nW, ST, SH, SW)
         q_index = (qt * H + qy) * W + qx
         q = load_cells(q_base, qt, qy, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
         do = load_cells(do_base, qt, qy, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
+from ._common import class_cell, config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -58,10 +58,7 @@ def strided_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < size
-    qi = offs_m // plane
-    qt = rt + qi * ST
-    qy = ry + ((offs_m // nW) % nH) * SH
-    qx = rx + (offs_m % nW) * SW
+    qt, qy, qx = class_cell(offs_m, rt, ry, rx, nH, nW, ST, SH, SW)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
 
@@ -85,9 +82,7 @@ def strided_fwd(
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        kt = rt + (offs_n // plane) * ST
-        ky = ry + ((offs_n // nW) % nH) * SH
-        kx = rx + (offs_n % nW) * SW
+        kt, ky, kx = class_cell(offs_n, rt, ry, rx, nH, nW, ST, SH, SW)
         k_cols = kt.to(tl.int64) * sk_t + ky.to(tl.int64) * sk_h + kx.to(tl.int64) * sk_w
         kT = tl.load(
             k_base + k_cols[None, :] + offs_d[:, None].to(tl.int64) * sk_d,
@@ -114,7 +109,8 @@ def strided_fwd(
 
     query_index = (qt * H + qy) * W + qx
     if NUM_OBJ > 0:
-        a_arg = ((rt + (a_arg // plane) * ST) * H + ry + ((a_arg // nW) % nH) * SH) * W + rx + (a_arg % nW) * SW
+        at, ay, ax = class_cell(a_arg, rt, ry, rx, nH, nW, ST, SH, SW)
+        a_arg = (at * H + ay) * W + ax
     store_results(
         Out, Lse, Aff, Arg, b * N + n, S, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
         NUM_OBJ, BLOCK_D, BLOCK_O, INTERPRET_BF16,
