@@ -14,22 +14,13 @@ import contextlib
 from typing import Optional
 
 import torch
-import triton
 
-from . import _checks
-from .kernels import _common, grid_fwd, local_fwd, strided_fwd
+from . import _checks, kernels
+from .kernels import _common
+from .kernels.launch import Problem
 from .patterns import Pattern
 
 MAX_HEAD_DIM = 256
-
-
-def _launch(module, kernel_name: str, grid, args: tuple, meta: dict, interpret: bool) -> None:
-    """Run ``module.<kernel_name>``: its autotuned self on a GPU, its interpreted twin on CPU."""
-    if interpret:
-        config = module.CONFIGS[0]
-        _common.interpreted(getattr(module, kernel_name))[grid](*args, **meta, **config.kwargs)
-    else:
-        getattr(module, kernel_name + "_tuned")[grid](*args, **meta)
 
 
 def forward(
@@ -41,30 +32,39 @@ def forward(
     labels: Optional[torch.Tensor] = None,
     num_objects: Optional[int] = None,
     causal_affinity: bool = True,
+    dilation: tuple[int, int, int] = (1, 1, 1),
+    config=None,
 ):
     """Fused sparse attention forward.
 
     Args:
-        q, k, v: ``(B, N, T, H, W, D)``, float32/float16/bfloat16, any strides, on CUDA
-            (compiled kernels) or CPU (interpreter).
+        q: ``(B, N, T_q, H, W, D)``; k, v: ``(B, N_kv, T, H, W, D)`` with ``N % N_kv == 0``
+            and ``T_q <= T`` (query frame ``i`` is absolute frame ``T - T_q + i``);
+            float32/float16/bfloat16, any strides, on CUDA (compiled kernels) or CPU
+            (interpreter).
         pattern: the connectivity pattern.
         scale: logit scale; ``None`` means ``1 / sqrt(D)``.
         labels: ``(B, T, H, W)`` integer ids in ``[-1, num_objects)`` or ``None``.
         num_objects: ``O``.
         causal_affinity: affinities only from keys of strictly earlier frames.
+        dilation: ``(dt, dh, dw)`` of a local pattern.
+        config: force one ``triton.Config`` of the kernel (tests); ``None`` autotunes on
+            CUDA and takes the first configuration in the interpreter.
 
     Returns:
-        ``(out, affinity, lse, argmax)``: ``out`` ``(B, N, T, H, W, D)`` in q's dtype;
-        ``affinity`` float32 ``(B, N, O, T, H, W)`` or ``None``; ``lse`` float32
-        ``(B, N, T, H, W)``, natural log-sum-exp of the scaled logits over ``I_p``;
-        ``argmax`` int32 ``(B, N, O, T, H, W)``, flat index ``(t*H + y)*W + x`` of the
-        key that attained each affinity, ``-1`` where no key was eligible, or ``None``.
+        ``(out, affinity, lse, argmax)``: ``out`` ``(B, N, T_q, H, W, D)`` in q's dtype;
+        ``affinity`` float32 ``(B, N, O, T_q, H, W)`` or ``None``; ``lse`` float32
+        ``(B, N, T_q, H, W)``, natural log-sum-exp of the scaled logits over ``I_p``;
+        ``argmax`` int32 ``(B, N, O, T_q, H, W)``, flat index ``(t*H + y)*W + x`` (absolute
+        frame ``t``) of the key that attained each affinity, ``-1`` where none was eligible,
+        or ``None``.
     """
     _checks.check_qkv(q, k, v)
-    _checks.check_labels(q, labels, num_objects, check_values=False)
+    # labels describe the key frames: (B, T, H, W) of k
+    _checks.check_labels(k, labels, num_objects, check_values=False)
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sst_triton.Pattern, got {type(pattern).__name__}")
-    B, N, T, H, W, D = q.shape
+    B, N, T_q, H, W, D = q.shape
     if D > MAX_HEAD_DIM:
         raise ValueError(f"q's head dim D must be <= {MAX_HEAD_DIM} on the Triton path, got {D}")
     if q.device.type not in ("cuda", "cpu"):
@@ -74,11 +74,12 @@ def forward(
     device = q.device
     num_obj = 0 if labels is None else int(num_objects)
 
-    out = torch.empty((B, N, T, H, W, D), dtype=q.dtype, device=device)
-    lse = torch.empty((B, N, T, H, W), dtype=torch.float32, device=device)
+    problem = Problem.of(q, k, pattern, num_obj, dilation)
+    out = torch.empty((B, N, T_q, H, W, D), dtype=q.dtype, device=device)
+    lse = torch.empty((B, N, T_q, H, W), dtype=torch.float32, device=device)
     if num_obj:
-        aff = torch.empty((B, N, num_obj, T, H, W), dtype=torch.float32, device=device)
-        arg = torch.empty((B, N, num_obj, T, H, W), dtype=torch.int32, device=device)
+        aff = torch.empty((B, N, num_obj, T_q, H, W), dtype=torch.float32, device=device)
+        arg = torch.empty((B, N, num_obj, T_q, H, W), dtype=torch.int32, device=device)
         lab = labels.to(device=device, dtype=torch.int32).contiguous()
     else:
         # never read or written (NUM_OBJ == 0 compiles the object code away)
@@ -98,26 +99,12 @@ def forward(
         # triton 3.9's interpreter mishandles bfloat16 dot and rounding (see kernels._common)
         INTERPRET_BF16=interpret and q.dtype == torch.bfloat16,
     )
-    scale_log2 = scale * _common.LOG2E
-
+    if pattern.kind not in kernels.FORWARD:
+        raise ValueError(f"pattern.kind must be one of {sorted(kernels.FORWARD)}, got {pattern.kind!r}")
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if pattern.kind == "strided":
-            st, sh, sw = (min(s, n) for s, n in zip(pattern.stride, (T, H, W)))
-            largest = -(-T // st) * -(-H // sh) * -(-W // sw)  # class (0, 0, 0) is the largest
-            grid = lambda m: (triton.cdiv(largest, m["BLOCK_M"]) * st * sh * sw, B * N)  # noqa: E731
-            args = (*pointers, *strides, N, T, H, W, D, st, sh, sw, scale_log2)
-            _launch(strided_fwd, "strided_fwd", grid, args, meta, interpret)
-        elif pattern.kind == "local":
-            kt, kh, kw = pattern.kernel_size
-            grid = lambda m: (triton.cdiv(W, m["TILE_W"]) * triton.cdiv(H, m["TILE_H"]), T, B * N)  # noqa: E731
-            args = (*pointers, *strides, N, T, H, W, D, kt, kh, kw, scale_log2)
-            _launch(local_fwd, "local_fwd", grid, args, {**meta, "SHIFT": pattern.boundary == "shift"}, interpret)
-        elif pattern.kind == "grid":
-            grid = lambda m: (triton.cdiv(W, m["BLOCK_M"]) * T * H, B * N)  # noqa: E731
-            args = (*pointers, *strides, N, T, H, W, D, scale_log2)
-            _launch(grid_fwd, "grid_fwd", grid, args, meta, interpret)
-        else:
-            raise ValueError(f"pattern.kind must be 'grid', 'local' or 'strided', got {pattern.kind!r}")
+        kernels.FORWARD[pattern.kind](
+            problem, pointers, strides, scale * _common.LOG2E, meta, interpret=interpret, config=config
+        )
 
     if not num_obj:
         return out, None, lse, None

@@ -15,6 +15,8 @@ Grid: ``(cdiv(W, BLOCK), T * H, B * N)``.
 """
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
@@ -29,6 +31,7 @@ from .common_bwd import (
     object_grad_pairs,
     store_cells,
 )
+from .launch import Problem, cdiv, require_plain, run
 
 # Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
 # its query tile, the key pass its key tile. The first config is the interpreter's.
@@ -221,3 +224,18 @@ AOT_SPECS = [
         ("dkdv", grid_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
     )
 ]
+
+
+def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
+                    interpret: bool, config_dq=None, config_dkdv=None) -> None:
+    """Launch the dQ and the dK/dV kernels for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    require_plain(p, "grid")
+    sizes = (p.N, p.T, p.H, p.W, p.D, float(scale))
+    grid_q = lambda m: (cdiv(p.W, m["BLOCK_M"]), p.T * p.H, p.B * p.N)  # noqa: E731
+    grid_k = lambda m: (cdiv(p.W, m["BLOCK_N"]), p.T * p.H, p.B * p.N)  # noqa: E731
+    limits = f"T*H={p.T * p.H}, B*N={p.B * p.N}"
+    module = sys.modules[__name__]
+    run(module, "grid_bwd_dq", grid_q, (*inputs, dq, *strides, *sizes), meta, interpret=interpret,
+        configs=CONFIGS_DQ, config=config_dq, sizes=limits)
+    run(module, "grid_bwd_dkdv", grid_k, (*inputs, dk, dv, *strides, *sizes), meta, interpret=interpret,
+        configs=CONFIGS_DKDV, config=config_dkdv, sizes=limits)

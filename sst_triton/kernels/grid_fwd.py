@@ -11,6 +11,8 @@ Grid: ``(cdiv(W, BLOCK_M) * T * H, B * N)``.
 """
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
@@ -24,6 +26,7 @@ from ._common import (
     online_softmax_vector,
     store_results,
 )
+from .launch import Problem, cdiv, require_plain, run
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -156,3 +159,13 @@ AOT_SPECS = forward_aot_specs(
     "grid_fwd", grid_fwd, CONFIGS, dict(), dict(CAUSAL=True, CAUSAL_AFF=False),
     "causal, causal_affinity=False (objects in every phase)", WIDE_MAX_WARPS,
 )
+
+
+def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
+                   interpret: bool, config=None) -> None:
+    """Launch :func:`grid_fwd` for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    require_plain(p, "grid")
+    grid = lambda m: (cdiv(p.W, m["BLOCK_M"]) * p.T * p.H, p.B * p.N)  # noqa: E731
+    args = (*pointers, *strides, p.N, p.T, p.H, p.W, p.D, scale_log2)
+    run(sys.modules[__name__], "grid_fwd", grid, args, meta, interpret=interpret, configs=CONFIGS,
+        config=config, sizes=f"T*H={p.T * p.H}, B*N={p.B * p.N}")

@@ -16,6 +16,8 @@ Grid: ``(cdiv(H*W, BLOCK), T, B * N)``.
 """
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
@@ -28,6 +30,7 @@ from .common_bwd import (
     store_cells,
     window,
 )
+from .launch import Problem, cdiv, require_plain, run
 
 # Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
 # its query tile, the key pass its key tile. The first config is the interpreter's.
@@ -207,3 +210,20 @@ AOT_SPECS = [
         ("dkdv", local_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
     )
 ]
+
+
+def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
+                    interpret: bool, config_dq=None, config_dkdv=None) -> None:
+    """Launch the dQ and the dK/dV kernels for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    require_plain(p, "local")
+    kt, kh, kw = p.pattern.kernel_size
+    sizes = (p.N, p.T, p.H, p.W, p.D, kt, kh, kw, float(scale))
+    grid_q = lambda m: (cdiv(p.H * p.W, m["BLOCK_M"]), p.T, p.B * p.N)  # noqa: E731
+    grid_k = lambda m: (cdiv(p.H * p.W, m["BLOCK_N"]), p.T, p.B * p.N)  # noqa: E731
+    meta = {**meta, "SHIFT": p.pattern.boundary == "shift"}
+    limits = f"T={p.T}, B*N={p.B * p.N}"
+    module = sys.modules[__name__]
+    run(module, "local_bwd_dq", grid_q, (*inputs, dq, *strides, *sizes), meta, interpret=interpret,
+        configs=CONFIGS_DQ, config=config_dq, sizes=limits)
+    run(module, "local_bwd_dkdv", grid_k, (*inputs, dk, dv, *strides, *sizes), meta, interpret=interpret,
+        configs=CONFIGS_DKDV, config=config_dkdv, sizes=limits)

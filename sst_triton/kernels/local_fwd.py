@@ -11,10 +11,13 @@ Grid: ``(cdiv(H, TILE_H) * cdiv(W, TILE_W), T, B * N)``.
 """
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
 from ._common import config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
+from .launch import Problem, cdiv, require_plain, run
 
 CONFIGS = [
     triton.Config({"TILE_H": 4, "TILE_W": 8, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -145,3 +148,14 @@ AOT_SPECS = forward_aot_specs(
     "local_fwd", local_fwd, CONFIGS, dict(KT=3, KH=7, KW=7), dict(CAUSAL=True, CAUSAL_AFF=True, SHIFT=False),
     "kernel (3, 7, 7), clip, causal",
 )
+
+
+def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
+                   interpret: bool, config=None) -> None:
+    """Launch :func:`local_fwd` for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    require_plain(p, "local")
+    kt, kh, kw = p.pattern.kernel_size
+    grid = lambda m: (cdiv(p.W, m["TILE_W"]) * cdiv(p.H, m["TILE_H"]), p.T, p.B * p.N)  # noqa: E731
+    args = (*pointers, *strides, p.N, p.T, p.H, p.W, p.D, kt, kh, kw, scale_log2)
+    run(sys.modules[__name__], "local_fwd", grid, args, {**meta, "SHIFT": p.pattern.boundary == "shift"},
+        interpret=interpret, configs=CONFIGS, config=config, sizes=f"T={p.T}, B*N={p.B * p.N}")

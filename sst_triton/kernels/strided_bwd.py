@@ -10,11 +10,14 @@ Grid of both kernels: ``(cdiv(largest class, BLOCK), classes, B * N)``.
 """
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
 from ._common import class_cell
 from .common_bwd import aot_spec, dkdv_block, dq_block, load_cells, object_grad, store_cells
+from .launch import Problem, cdiv, require_plain, run
 
 # Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
 # its query tile, the key pass its key tile. The first config is the interpreter's.
@@ -178,3 +181,20 @@ AOT_SPECS = [
         ("dkdv", strided_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
     )
 ]
+
+
+def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
+                    interpret: bool, config_dq=None, config_dkdv=None) -> None:
+    """Launch the dQ and the dK/dV kernels for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    require_plain(p, "strided")
+    st, sh, sw = (min(s, n) for s, n in zip(p.pattern.stride, (p.T, p.H, p.W)))
+    largest = cdiv(p.T, st) * cdiv(p.H, sh) * cdiv(p.W, sw)  # class (0, 0, 0) is the largest
+    sizes = (p.N, p.T, p.H, p.W, p.D, st, sh, sw, float(scale))
+    grid_q = lambda m: (cdiv(largest, m["BLOCK_M"]), st * sh * sw, p.B * p.N)  # noqa: E731
+    grid_k = lambda m: (cdiv(largest, m["BLOCK_N"]), st * sh * sw, p.B * p.N)  # noqa: E731
+    limits = f"classes={st * sh * sw}, B*N={p.B * p.N}"
+    module = sys.modules[__name__]
+    run(module, "strided_bwd_dq", grid_q, (*inputs, dq, *strides, *sizes), meta, interpret=interpret,
+        configs=CONFIGS_DQ, config=config_dq, sizes=limits)
+    run(module, "strided_bwd_dkdv", grid_k, (*inputs, dk, dv, *strides, *sizes), meta, interpret=interpret,
+        configs=CONFIGS_DKDV, config=config_dkdv, sizes=limits)

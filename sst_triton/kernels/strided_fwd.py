@@ -10,10 +10,13 @@ Grid: ``(cdiv(largest class, BLOCK_M) * classes, B * N)``.
 """
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
 from ._common import class_cell, config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
+from .launch import Problem, cdiv, require_plain, run
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -127,3 +130,15 @@ AOT_SPECS = forward_aot_specs(
     "strided_fwd", strided_fwd, CONFIGS, dict(ST=2, SH=2, SW=2), dict(CAUSAL=True, CAUSAL_AFF=True),
     "stride 2, causal",
 )
+
+
+def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
+                   interpret: bool, config=None) -> None:
+    """Launch :func:`strided_fwd` for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    require_plain(p, "strided")
+    st, sh, sw = (min(s, n) for s, n in zip(p.pattern.stride, (p.T, p.H, p.W)))
+    largest = cdiv(p.T, st) * cdiv(p.H, sh) * cdiv(p.W, sw)  # class (0, 0, 0) is the largest
+    grid = lambda m: (cdiv(largest, m["BLOCK_M"]) * st * sh * sw, p.B * p.N)  # noqa: E731
+    args = (*pointers, *strides, p.N, p.T, p.H, p.W, p.D, st, sh, sw, scale_log2)
+    run(sys.modules[__name__], "strided_fwd", grid, args, meta, interpret=interpret, configs=CONFIGS,
+        config=config, sizes=f"B*N={p.B * p.N}, classes={st * sh * sw}")
