@@ -11,7 +11,11 @@ BACKENDS = (None, "auto", "torch", "triton")
 
 
 def check_qkv(q, k, v) -> None:
-    """``q``, ``k``, ``v``: tensors of shape ``(B, N, T, H, W, D)``, same shape, dtype and device."""
+    """``q`` ``(B, N, T_q, H, W, D)``; ``k``, ``v`` ``(B, N_kv, T, H, W, D)``, one shape.
+
+    ``N % N_kv == 0`` (grouped heads) and ``T_q <= T`` (the query frames are the last ones);
+    every other axis of ``q`` equals that of ``k``; one dtype and one device.
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, T, H, W, D), got {type(x).__name__}")
@@ -23,13 +27,53 @@ def check_qkv(q, k, v) -> None:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
         if any(s == 0 for s in x.shape):
             raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    B, N, T_q, H, W, D = q.shape
+    N_kv, T = k.shape[1], k.shape[2]
+    if (k.shape[0], *k.shape[3:]) != (B, H, W, D):
+        raise ValueError(
+            f"k must have the batch, height, width and head dim of q: (B, N_kv, T, H, W, D) = "
+            f"({B}, N_kv, T, {H}, {W}, {D}), got {tuple(k.shape)}"
+        )
+    if N % N_kv:
+        raise ValueError(
+            f"k has N_kv = {N_kv} heads, which must divide q's N = {N} heads (query head n reads "
+            f"key/value head n // (N // N_kv)), got shapes q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if T_q > T:
+        raise ValueError(
+            f"q has T_q = {T_q} frames, more than the T = {T} frames of k (the query frames are the "
+            f"last T_q <= T key frames), got shapes q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     for name, x in (("k", k), ("v", v)):
-        if x.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+
+
+def check_extra_kv(extra_kv, k: torch.Tensor) -> None:
+    """``extra_kv``: ``None`` or a pair ``(k_x, v_x)`` of tensors ``(B, N_kv, L, D)`` like ``k``."""
+    if extra_kv is None:
+        return
+    if not isinstance(extra_kv, (tuple, list)) or len(extra_kv) != 2:
+        raise TypeError(f"extra_kv must be a pair (k_x, v_x) of tensors (B, N_kv, L, D), got {type(extra_kv).__name__}")
+    B, N_kv, _, _, _, D = k.shape
+    for name, x in zip(("extra_kv[0] (k_x)", "extra_kv[1] (v_x)"), extra_kv):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, N_kv, L, D), got {type(x).__name__}")
+        if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (B, N_kv, D):
+            raise ValueError(f"{name} must have shape (B, N_kv, L, D) = ({B}, {N_kv}, L, {D}), got {tuple(x.shape)}")
+        if x.dtype != k.dtype:
+            raise TypeError(f"{name} must have the dtype of k ({k.dtype}), got {x.dtype}")
+        if x.device != k.device:
+            raise ValueError(f"{name} must be on the device of k ({k.device}), got {x.device}")
+    if extra_kv[0].shape != extra_kv[1].shape:
+        raise ValueError(
+            f"extra_kv: k_x and v_x must have one shape (B, N_kv, L, D), got {tuple(extra_kv[0].shape)} "
+            f"and {tuple(extra_kv[1].shape)}"
+        )
 
 
 def check_scale(scale) -> Optional[float]:
@@ -60,8 +104,11 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of 'auto', 'torch', 'triton' or None, got {backend!r}")
 
 
-def check_labels(q: torch.Tensor, labels, num_objects, check_values: bool = True) -> None:
-    """``labels``: integer ``(B, T, H, W)`` with values in ``[-1, num_objects)``."""
+def check_labels(q: torch.Tensor, labels, num_objects, check_values: bool = True, k=None) -> None:
+    """``labels``: integer ``(B, T, H, W)`` with values in ``[-1, num_objects)``.
+
+    ``T`` is the number of key frames: that of ``k`` when given (``q`` may have fewer).
+    """
     if labels is None:
         if num_objects is not None:
             raise ValueError("num_objects was given without labels: pass labels=(B, T, H, W) object ids too")
@@ -75,6 +122,8 @@ def check_labels(q: torch.Tensor, labels, num_objects, check_values: bool = True
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must have an integer dtype (e.g. torch.long), got {labels.dtype}")
     B, _, T, H, W, _ = q.shape
+    if k is not None:
+        T = k.shape[2]
     if tuple(labels.shape) != (B, T, H, W):
         raise ValueError(f"labels must have shape (B, T, H, W) = {(B, T, H, W)}, got {tuple(labels.shape)}")
     if labels.device != q.device:

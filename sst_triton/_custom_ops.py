@@ -13,9 +13,19 @@ autograd rule whose backward is a second custom operator, and an autocast rule:
 
 Because every call is one opaque operator, Dynamo traces a model that uses the attention
 with no graph break, and Inductor keeps the kernels as they are. A pattern travels as plain
-arguments (``kind``, ``kernel_size``, ``stride``, ``boundary``, ``causal``), since custom
-operators only take tensors and scalars. Without labels the affinity (and the argmax) are
-empty tensors: an operator's outputs are fixed by its schema.
+arguments (``kind``, ``kernel_size``, ``stride``, ``boundary``, ``causal``, ``dilation``),
+since custom operators only take tensors and scalars. Without labels the affinity (and the
+argmax) are empty tensors, and so is the torch operator's lse when it was not asked for: an
+operator's outputs are fixed by its schema. Grouped heads and fewer query frames need no
+argument: they are the shapes of ``q`` against ``k``, ``v``.
+
+Extra keys ``(k_x, v_x)`` on the Triton path are joined at this level: the fused sparse
+kernel gives ``(out_s, aff_s, lse_s)``, a dense attention over the ``L`` extra keys gives
+``(out_x, lse_x)``, and the log-sum-exp merge is exact (``aff = aff_s * exp(lse_s - lse)``).
+Its backward is written out: the sparse kernels' backward recomputes ``P`` from the *joint*
+lse and is fed the joint ``out``, ``affinity`` and the gradients of the joint outputs, which
+makes it the sparse keys' share of the joint softmax's backward exactly; the extra keys'
+share is :func:`sst_triton.torch_path.extra_attention_backward`.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import contextlib
 from typing import Optional, Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .patterns import Pattern
@@ -30,18 +41,32 @@ from .patterns import Pattern
 _LIB = torch.library.Library("sst_triton", "FRAGMENT")
 
 
-def pattern_args(pattern: Pattern) -> tuple[str, list[int], list[int], str, bool]:
+def pattern_args(pattern: Pattern) -> tuple[str, list[int], list[int], str, bool, list[int]]:
     """A :class:`Pattern` as the scalar arguments of the operators."""
-    return pattern.kind, list(pattern.kernel_size), list(pattern.stride), pattern.boundary, pattern.causal
+    return (
+        pattern.kind, list(pattern.kernel_size), list(pattern.stride), pattern.boundary, pattern.causal,
+        list(pattern.dilation),
+    )
 
 
-def _pattern(kind: str, kernel_size: Sequence[int], stride: Sequence[int], boundary: str, causal: bool) -> Pattern:
-    return Pattern(kind, tuple(kernel_size), tuple(stride), boundary, causal)  # type: ignore[arg-type]
+def _pattern(
+    kind: str, kernel_size: Sequence[int], stride: Sequence[int], boundary: str, causal: bool, dilation: Sequence[int]
+) -> Pattern:
+    return Pattern(kind, tuple(kernel_size), tuple(stride), boundary, causal, tuple(dilation))  # type: ignore[arg-type]
 
 
 def _affinity_shape(q: Tensor, num_objects: int) -> tuple[int, ...]:
-    B, N, T, H, W, _ = q.shape
-    return (B, N, num_objects, T, H, W)
+    B, N, T_q, H, W, _ = q.shape
+    return (B, N, num_objects, T_q, H, W)
+
+
+def _has_extra(k_x: Optional[Tensor]) -> bool:
+    # L = 0 is legal and means no extra keys: skipping it keeps the result bit-identical
+    return k_x is not None and k_x.shape[2] > 0
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -59,35 +84,48 @@ def attention_torch(
     stride: list[int],
     boundary: str,
     causal: bool,
+    dilation: list[int],
     scale: float,
     labels: Optional[Tensor],
     num_objects: int,
     causal_affinity: bool,
-) -> tuple[Tensor, Tensor]:
+    k_x: Optional[Tensor],
+    v_x: Optional[Tensor],
+    return_lse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Sparse attention on the PyTorch path.
 
     Args:
-        q, k, v: ``(B, N, T, H, W, D)``.
+        q: ``(B, N, T_q, H, W, D)``; k, v: ``(B, N_kv, T, H, W, D)``.
         labels: ``(B, T, H, W)`` or ``None`` (then ``num_objects`` is ignored).
+        k_x, v_x: ``(B, N_kv, L, D)`` extra keys/values, or ``None``.
+        return_lse: compute the log-sum-exp output.
 
     Returns:
-        ``out`` ``(B, N, T, H, W, D)`` contiguous in the dtype of ``q``, and the affinity
-        ``(B, N, O, T, H, W)`` float32, or an empty float32 tensor without labels.
+        ``out`` ``(B, N, T_q, H, W, D)`` contiguous in the dtype of ``q``; the affinity
+        ``(B, N, O, T_q, H, W)`` float32, or an empty float32 tensor without labels;
+        ``lse`` ``(B, N, T_q, H, W)`` float32, or empty without ``return_lse``.
     """
     from . import torch_path
 
-    pattern = _pattern(kind, kernel_size, stride, boundary, causal)
-    if labels is None:
-        out = torch_path.sparse_attention(q, k, v, pattern, scale)
-        return out.contiguous(), q.new_empty((0,), dtype=torch.float32)
-    out, aff = torch_path.sparse_attention(q, k, v, pattern, scale, labels, num_objects, causal_affinity)
-    return out.contiguous(), aff.to(torch.float32).contiguous()
+    pattern = _pattern(kind, kernel_size, stride, boundary, causal, dilation)
+    res = torch_path.sparse_attention(
+        q, k, v, pattern, scale, labels, num_objects if labels is not None else None, causal_affinity,
+        extra_kv=(k_x, v_x) if k_x is not None else None, return_lse=return_lse,
+    )
+    res = list(res) if isinstance(res, tuple) else [res]
+    out = res.pop(0).contiguous()
+    aff = res.pop(0).to(torch.float32).contiguous() if labels is not None else _empty(q)
+    lse = res.pop(0).to(torch.float32).contiguous() if return_lse else _empty(q)
+    return out, aff, lse
 
 
 @attention_torch.register_fake
-def _(q, k, v, kind, kernel_size, stride, boundary, causal, scale, labels, num_objects, causal_affinity):
+def _(q, k, v, kind, kernel_size, stride, boundary, causal, dilation, scale, labels, num_objects, causal_affinity,
+      k_x, v_x, return_lse):
     aff_shape = (0,) if labels is None else _affinity_shape(q, num_objects)
-    return q.new_empty(q.shape), q.new_empty(aff_shape, dtype=torch.float32)
+    lse_shape = q.shape[:-1] if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(aff_shape, dtype=torch.float32), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @contextlib.contextmanager
@@ -109,6 +147,7 @@ def _autograd_enabled():
 def attention_torch_bwd(
     grad_out: Tensor,
     grad_affinity: Tensor,
+    grad_lse: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -117,59 +156,82 @@ def attention_torch_bwd(
     stride: list[int],
     boundary: str,
     causal: bool,
+    dilation: list[int],
     scale: float,
     labels: Optional[Tensor],
     num_objects: int,
     causal_affinity: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`attention_torch` in ``q``, ``k``, ``v`` by recomputing its graph.
+    k_x: Optional[Tensor],
+    v_x: Optional[Tensor],
+    return_lse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_torch` in ``q``, ``k``, ``v``, ``k_x``, ``v_x`` by recomputing its graph.
 
     Args:
-        grad_out: ``(B, N, T, H, W, D)``.
-        grad_affinity: ``(B, N, O, T, H, W)``; ignored without labels.
+        grad_out: ``(B, N, T_q, H, W, D)``.
+        grad_affinity: ``(B, N, O, T_q, H, W)``; ignored without labels.
+        grad_lse: ``(B, N, T_q, H, W)``; ignored without ``return_lse``.
 
     Returns:
-        ``dq``, ``dk``, ``dv``, contiguous, each ``(B, N, T, H, W, D)`` in the dtype of ``q``.
+        ``dq`` like ``q``, ``dk``, ``dv`` like ``k``, ``dk_x``, ``dv_x`` like ``k_x`` (empty
+        without extra keys), contiguous, in the dtype of ``q``.
     """
     from . import torch_path
 
-    pattern = _pattern(kind, kernel_size, stride, boundary, causal)
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    pattern = _pattern(kind, kernel_size, stride, boundary, causal, dilation)
+    with_extra = k_x is not None
+    inputs = [q, k, v] + ([k_x, v_x] if with_extra else [])
+    leaves = [x.detach().requires_grad_() for x in inputs]
     with _autograd_enabled():
-        if labels is None:
-            outputs, grads = [torch_path.sparse_attention(*leaves, pattern, scale)], [grad_out]
-        else:
-            out, aff = torch_path.sparse_attention(*leaves, pattern, scale, labels, num_objects, causal_affinity)
-            outputs, grads = [out, aff], [grad_out, grad_affinity.to(aff.dtype)]
-        dq, dk, dv = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-    return tuple(
-        (torch.zeros_like(x) if g is None else g.to(x.dtype)).contiguous() for g, x in zip((dq, dk, dv), (q, k, v))
-    )
+        res = torch_path.sparse_attention(
+            *leaves[:3], pattern, scale, labels, num_objects if labels is not None else None, causal_affinity,
+            extra_kv=(leaves[3], leaves[4]) if with_extra else None, return_lse=return_lse,
+        )
+        outputs = list(res) if isinstance(res, tuple) else [res]
+        grads = [grad_out]
+        if labels is not None:
+            grads.append(grad_affinity.to(outputs[1].dtype))
+        if return_lse:
+            grads.append(grad_lse.to(outputs[-1].dtype))
+        found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    result = [
+        (torch.zeros_like(x) if g is None else g.to(x.dtype)).contiguous() for g, x in zip(found, inputs)
+    ]
+    if not with_extra:
+        result += [_empty(q).to(q.dtype), _empty(q).to(q.dtype)]
+    return tuple(result)
 
 
 @attention_torch_bwd.register_fake
-def _(grad_out, grad_affinity, q, k, v, *args):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _(grad_out, grad_affinity, grad_lse, q, k, v, *args):
+    k_x, v_x = args[-3], args[-2]
+    extra = (q.new_empty(k_x.shape), q.new_empty(v_x.shape)) if k_x is not None else (q.new_empty((0,)),) * 2
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), *extra
 
 
 def _setup_torch(ctx, inputs, output):
-    q, k, v, *params = inputs
-    ctx.params = params[:-3] + [params[-2], params[-1]]  # everything but labels
-    ctx.save_for_backward(q, k, v, params[-3])
+    (q, k, v, kind, kernel_size, stride, boundary, causal, dilation, scale, labels, num_objects, causal_affinity,
+     k_x, v_x, return_lse) = inputs
+    ctx.params = (kind, kernel_size, stride, boundary, causal, dilation, scale)
+    ctx.flags = (num_objects, causal_affinity, return_lse)
+    ctx.save_for_backward(q, k, v, labels, k_x, v_x)
 
 
-def _backward_torch(ctx, grad_out, grad_affinity):
-    q, k, v, labels = ctx.saved_tensors
+def _backward_torch(ctx, grad_out, grad_affinity, grad_lse):
+    q, k, v, labels, k_x, v_x = ctx.saved_tensors
+    num_objects, causal_affinity, return_lse = ctx.flags
     if grad_out is None:
         grad_out = torch.zeros_like(q)
     if grad_affinity is None:
-        grad_affinity = q.new_zeros((0,) if labels is None else _affinity_shape(q, ctx.params[6]), dtype=torch.float32)
-    kind, kernel_size, stride, boundary, causal, scale, num_objects, causal_affinity = ctx.params
-    dq, dk, dv = attention_torch_bwd(
-        grad_out, grad_affinity, q, k, v, kind, kernel_size, stride, boundary, causal, scale,
-        labels, num_objects, causal_affinity,
+        grad_affinity = q.new_zeros((0,) if labels is None else _affinity_shape(q, num_objects), dtype=torch.float32)
+    if grad_lse is None:
+        grad_lse = q.new_zeros(q.shape[:-1] if return_lse else (0,), dtype=torch.float32)
+    dq, dk, dv, dk_x, dv_x = attention_torch_bwd(
+        grad_out, grad_affinity, grad_lse, q, k, v, *ctx.params, labels, num_objects, causal_affinity,
+        k_x, v_x, return_lse,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    extra = (dk_x, dv_x) if k_x is not None else (None, None)
+    return dq, dk, dv, *([None] * 10), *extra, None
 
 
 attention_torch.register_autograd(_backward_torch, setup_context=_setup_torch)
@@ -190,40 +252,52 @@ def attention_triton(
     stride: list[int],
     boundary: str,
     causal: bool,
+    dilation: list[int],
     scale: float,
     labels: Optional[Tensor],
     num_objects: int,
     causal_affinity: bool,
+    k_x: Optional[Tensor],
+    v_x: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sparse attention by the fused Triton forward kernels.
+    """Sparse attention by the fused Triton forward kernels (and the extra keys, merged).
+
+    Args:
+        q: ``(B, N, T_q, H, W, D)``; k, v: ``(B, N_kv, T, H, W, D)``.
+        k_x, v_x: ``(B, N_kv, L, D)`` extra keys/values, or ``None``.
 
     Returns:
-        ``out`` ``(B, N, T, H, W, D)`` in the dtype of ``q``; the affinity
-        ``(B, N, O, T, H, W)`` float32; ``lse`` ``(B, N, T, H, W)`` float32, the natural
-        log-sum-exp of each query's scaled logits; ``argmax`` ``(B, N, O, T, H, W)`` int32,
-        the flat key index that attained each affinity (``-1`` if none). Without labels the
-        affinity and the argmax are empty.
+        ``out`` ``(B, N, T_q, H, W, D)`` in the dtype of ``q``; the affinity
+        ``(B, N, O, T_q, H, W)`` float32; ``lse`` ``(B, N, T_q, H, W)`` float32, the natural
+        log-sum-exp of each query's scaled logits over its pattern and the extra keys;
+        ``argmax`` ``(B, N, O, T_q, H, W)`` int32, the flat key index that attained each
+        affinity (``-1`` if none). Without labels the affinity and the argmax are empty.
     """
-    from . import triton_path
+    from . import torch_path, triton_path
 
-    pattern = _pattern(kind, kernel_size, stride, boundary, causal)
+    pattern = _pattern(kind, kernel_size, stride, boundary, causal, dilation)
     out, aff, lse, argmax = triton_path.forward(
-        q, k, v, pattern, scale, labels, num_objects if labels is not None else None, causal_affinity
+        q, k, v, pattern, scale, labels, num_objects if labels is not None else None, causal_affinity,
+        dilation=tuple(dilation),
     )
+    if _has_extra(k_x):
+        out_x, lse_x = torch_path.extra_attention(q.float(), k_x.float(), v_x.float(), scale)
+        out, aff, lse = torch_path.merge_extra(out.float(), aff, lse, out_x, lse_x)
+        out = out.to(q.dtype)
     if aff is None:
-        aff = q.new_empty((0,), dtype=torch.float32)
+        aff = _empty(q)
         argmax = q.new_empty((0,), dtype=torch.int32)
     return out.contiguous(), aff.contiguous(), lse.contiguous(), argmax.contiguous()
 
 
 @attention_triton.register_fake
-def _(q, k, v, kind, kernel_size, stride, boundary, causal, scale, labels, num_objects, causal_affinity):
-    B, N, T, H, W, _ = q.shape
+def _(q, k, v, kind, kernel_size, stride, boundary, causal, dilation, scale, labels, num_objects, causal_affinity,
+      k_x, v_x):
     aff_shape = (0,) if labels is None else _affinity_shape(q, num_objects)
     return (
         q.new_empty(q.shape),
         q.new_empty(aff_shape, dtype=torch.float32),
-        q.new_empty((B, N, T, H, W), dtype=torch.float32),
+        q.new_empty(q.shape[:-1], dtype=torch.float32),
         q.new_empty(aff_shape, dtype=torch.int32),
     )
 
@@ -232,6 +306,7 @@ def _(q, k, v, kind, kernel_size, stride, boundary, causal, scale, labels, num_o
 def attention_triton_bwd(
     grad_out: Tensor,
     grad_affinity: Tensor,
+    grad_lse: Optional[Tensor],
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -239,66 +314,95 @@ def attention_triton_bwd(
     affinity: Tensor,
     lse: Tensor,
     argmax: Tensor,
+    k_x: Optional[Tensor],
+    v_x: Optional[Tensor],
     kind: str,
     kernel_size: list[int],
     stride: list[int],
     boundary: str,
     causal: bool,
+    dilation: list[int],
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`attention_triton` by the fused backward kernels.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_triton` by the fused backward kernels (and the extra keys' share).
 
     Args:
-        grad_out: ``(B, N, T, H, W, D)``.
-        grad_affinity, affinity, argmax: ``(B, N, O, T, H, W)``, or empty without labels.
-        lse: ``(B, N, T, H, W)``.
+        grad_out, out: ``(B, N, T_q, H, W, D)`` (``out`` the joint output when there are extra keys).
+        grad_affinity, affinity, argmax: ``(B, N, O, T_q, H, W)``, or empty without labels.
+        grad_lse: ``(B, N, T_q, H, W)`` or ``None`` when the lse has no gradient.
+        lse: ``(B, N, T_q, H, W)``, the joint log-sum-exp.
 
     Returns:
-        ``dq``, ``dk``, ``dv``, contiguous, each ``(B, N, T, H, W, D)`` in the dtype of ``q``.
+        ``dq`` like ``q``; ``dk``, ``dv`` like ``k``; ``dk_x``, ``dv_x`` like ``k_x`` (empty
+        without extra keys); contiguous, in the dtype of ``q``.
     """
+    from . import torch_path
     from .kernels import backward
 
-    pattern = _pattern(kind, kernel_size, stride, boundary, causal)
+    pattern = _pattern(kind, kernel_size, stride, boundary, causal, dilation)
     with_aff = argmax.numel() > 0
-    return backward.attention_backward(
+    dq, dk, dv = backward.attention_backward(
         grad_out, q, k, v, out, lse, pattern, scale,
         grad_affinity if with_aff else None, affinity if with_aff else None, argmax if with_aff else None,
+        grad_lse=grad_lse, dilation=tuple(dilation),
     )
+    if not _has_extra(k_x):
+        if k_x is None:
+            return dq, dk, dv, q.new_empty((0,)), q.new_empty((0,))
+        return dq, dk, dv, torch.zeros_like(k_x), torch.zeros_like(v_x)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # the same Delta as the sparse kernels' (joint out and affinity, minus the lse gradient)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+    if with_aff:
+        delta = delta + (grad_affinity.to(acc) * affinity.to(acc)).sum(2)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc)
+    dq_x, dk_x, dv_x = torch_path.extra_attention_backward(grad_out, q, k_x, v_x, lse, delta, scale)
+    dq = (dq.to(acc) + dq_x).to(q.dtype)
+    return dq, dk, dv, dk_x.to(q.dtype).contiguous(), dv_x.to(q.dtype).contiguous()
 
 
 @attention_triton_bwd.register_fake
-def _(grad_out, grad_affinity, q, k, v, *args):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _(grad_out, grad_affinity, grad_lse, q, k, v, out, affinity, lse, argmax, k_x, v_x, *args):
+    extra = (q.new_empty(k_x.shape), q.new_empty(v_x.shape)) if k_x is not None else (q.new_empty((0,)),) * 2
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), *extra
 
 
 def _setup_triton(ctx, inputs, output):
-    q, k, v, kind, kernel_size, stride, boundary, causal, scale, _labels, _num_objects, _causal_aff = inputs
+    (q, k, v, kind, kernel_size, stride, boundary, causal, dilation, scale, _labels, _num_objects, _causal_aff,
+     k_x, v_x) = inputs
     out, aff, lse, argmax = output
-    ctx.params = (kind, kernel_size, stride, boundary, causal, scale)
-    ctx.mark_non_differentiable(lse, argmax)
-    ctx.save_for_backward(q, k, v, out, aff, lse, argmax)
+    ctx.params = (kind, kernel_size, stride, boundary, causal, dilation, scale)
+    ctx.mark_non_differentiable(argmax)
+    ctx.save_for_backward(q, k, v, out, aff, lse, argmax, k_x, v_x)
 
 
-def _backward_triton(ctx, grad_out, grad_affinity, _grad_lse, _grad_argmax):
-    q, k, v, out, aff, lse, argmax = ctx.saved_tensors
+def _backward_triton(ctx, grad_out, grad_affinity, grad_lse, _grad_argmax):
+    q, k, v, out, aff, lse, argmax, k_x, v_x = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_affinity is None:
         grad_affinity = torch.zeros_like(aff)
-    dq, dk, dv = attention_triton_bwd(grad_out, grad_affinity, q, k, v, out, aff, lse, argmax, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dq, dk, dv, dk_x, dv_x = attention_triton_bwd(
+        grad_out, grad_affinity, grad_lse, q, k, v, out, aff, lse, argmax, k_x, v_x, *ctx.params
+    )
+    extra = (dk_x, dv_x) if k_x is not None else (None, None)
+    return dq, dk, dv, *([None] * 10), *extra
 
 
 attention_triton.register_autograd(_backward_triton, setup_context=_setup_triton)
 
 
 # --------------------------------------------------------------------------------------
-# Autocast: q, k, v take the autocast dtype of their device, as SDPA's do
+# Autocast: q, k, v (and the extra keys) take the autocast dtype of their device, as SDPA's do
 # --------------------------------------------------------------------------------------
+
+# positions of q, k, v, k_x, v_x in both forward operators' schemas
+_CAST_POSITIONS = (0, 1, 2, 13, 14)
 
 
 def _register_autocast(op_name: str, device_type: str) -> None:
-    """Cast the first three (floating) arguments to ``torch.get_autocast_dtype(device_type)``.
+    """Cast the floating tensors among q, k, v, k_x, v_x to ``torch.get_autocast_dtype(device_type)``.
 
     ``torch.library.register_autocast`` casts to one dtype fixed at registration; SDPA
     follows the dtype of the enclosing ``torch.autocast`` instead, so the rule is written out.
@@ -309,11 +413,13 @@ def _register_autocast(op_name: str, device_type: str) -> None:
 
     def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        qkv = tuple(
-            x.to(dtype) if x.is_floating_point() and x.device.type == device_type else x for x in args[:3]
-        )
+        args = list(args)
+        for i in _CAST_POSITIONS:
+            x = args[i]
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == device_type:
+                args[i] = x.to(dtype)
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op(*qkv, *args[3:])
+            return op(*args)
 
     _LIB.impl(op_name, kernel, key_name, with_keyset=True)
 
@@ -338,15 +444,23 @@ def sparse_attention(
     num_objects: Optional[int],
     causal_affinity: bool,
     backend: str,
+    extra_kv: Optional[tuple[Tensor, Tensor]] = None,
+    return_lse: bool = False,
 ):
     """Run the operator of ``backend`` (``"torch"`` or ``"triton"``); arguments already checked.
 
     Returns:
-        ``out``, or ``(out, affinity)`` with labels.
+        ``out``, with labels ``(out, affinity)``, and ``lse`` appended with ``return_lse``.
     """
     args = (*pattern_args(pattern), float(scale), labels, int(num_objects or 0), bool(causal_affinity))
+    k_x, v_x = extra_kv if extra_kv is not None else (None, None)
     if backend == "triton":
-        out, aff, _lse, _argmax = attention_triton(q, k, v, *args)
+        out, aff, lse, _argmax = attention_triton(q, k, v, *args, k_x, v_x)
     else:
-        out, aff = attention_torch(q, k, v, *args)
-    return out if labels is None else (out, aff)
+        out, aff, lse = attention_torch(q, k, v, *args, k_x, v_x, bool(return_lse))
+    results = [out]
+    if labels is not None:
+        results.append(aff)
+    if return_lse:
+        results.append(lse)
+    return results[0] if len(results) == 1 else tuple(results)

@@ -40,13 +40,18 @@ def test_autocast_accepts_mixed_input_dtypes():
 def test_operator_has_its_own_autocast_rule():
     """A caller of the operator itself (not ops.py) gets the same cast."""
     q, k, v = (torch.randn(SHAPE) for _ in range(3))
+    kx, vx = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
     args = (*custom_ops.pattern_args(Pattern.grid()), 1.0, None, 0, True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, aff = torch.ops.sst_triton.attention_torch(q, k, v, *args)
-    assert out.dtype == torch.bfloat16
+        out, aff, lse = torch.ops.sst_triton.attention_torch(q, k, v, *args, kx, vx, True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert aff.numel() == 0
-    expected, _ = torch.ops.sst_triton.attention_torch(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args)
+    # the extra keys are cast too: by hand, everything in bfloat16
+    expected, _, expected_lse = torch.ops.sst_triton.attention_torch(
+        q.bfloat16(), k.bfloat16(), v.bfloat16(), *args, kx.bfloat16(), vx.bfloat16(), True
+    )
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=0, rtol=0)
 
 
 def test_autocast_disabled_keeps_float32():
