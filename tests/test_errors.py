@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sst_triton import Pattern, grid_attention, local_attention, sparse_attention, strided_attention
-from sst_triton import torch_path
+from sst_triton import Pattern, grid_attention, local_attention, merge_attention, sparse_attention, strided_attention
+from sst_triton import merge, torch_path
 
 SHAPE = (1, 2, 3, 4, 5, 8)
 
@@ -16,6 +16,8 @@ def _no_work(monkeypatch):
         raise AssertionError("the attention ran before the arguments were checked")
 
     monkeypatch.setattr(torch_path, "sparse_attention", fail)
+    monkeypatch.setattr(torch_path, "extra_attention", fail)
+    monkeypatch.setattr(merge, "_weights", fail)
 
 
 def _qkv(shape=SHAPE, dtype=torch.float32):
@@ -75,6 +77,60 @@ BAD = {
     "num-objects-float": (ValueError, "num_objects", lambda: grid_attention(q, k, v, labels=_labels(),
                                                                             num_objects=2.0)),
 }
+
+# ---- version 2: grouped heads, fewer query frames, extra keys, dilation, return_lse, merge
+B, N, T, H, W, D = SHAPE
+
+
+def _kv(n_kv=N, t=T, shape=None):
+    shape = shape or (B, n_kv, t, H, W, D)
+    return torch.randn(shape), torch.randn(shape)
+
+
+def _x(L=3, shape=None, dtype=torch.float32):
+    return torch.randn(shape or (B, N, L, D)).to(dtype)
+
+
+out_, lse_ = torch.randn(B, N, T, H, W, D), torch.randn(B, N, T, H, W)
+
+BAD_V2 = {
+    "kv-heads-not-dividing": (ValueError, "N_kv", lambda: grid_attention(q, *_kv(n_kv=3))),
+    "kv-heads-more-than-q": (ValueError, "N_kv", lambda: grid_attention(q, *_kv(n_kv=4))),
+    "q-frames-more-than-k": (ValueError, "T_q", lambda: local_attention(q, *_kv(t=2), 3)),
+    "k-height-differs": (ValueError, "k", lambda: grid_attention(q, *_kv(shape=(B, N, T, H + 1, W, D)))),
+    "k-batch-differs": (ValueError, "k", lambda: grid_attention(q, *_kv(shape=(B + 1, N, T, H, W, D)))),
+    "k-head-dim-differs": (ValueError, "k", lambda: grid_attention(q, *_kv(shape=(B, N, T, H, W, D + 1)))),
+    "v-heads-differ-from-k": (ValueError, "v", lambda: grid_attention(q, k, v[:, :1])),
+    "v-frames-differ-from-k": (ValueError, "v", lambda: grid_attention(q[:, :, :2], k, v[:, :, :2])),
+    "extra-kv-tensor": (TypeError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=_x())),
+    "extra-kv-triple": (TypeError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x(), _x(), _x()))),
+    "extra-kv-not-tensor": (TypeError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x(), _x().tolist()))),
+    "extra-kv-rank": (ValueError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x(), _x()[0]))),
+    "extra-kv-batch": (ValueError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x(shape=(2, N, 3, D)),) * 2)),
+    "extra-kv-heads": (ValueError, "extra_kv", lambda: grid_attention(q, *_kv(n_kv=1), extra_kv=(_x(),) * 2)),
+    "extra-kv-head-dim": (ValueError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x(shape=(B, N, 3, 4)),) * 2)),
+    "extra-kv-lengths": (ValueError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x(3), _x(4)))),
+    "extra-kv-dtype": (TypeError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x(), _x(dtype=torch.float16)))),
+    "extra-kv-device": (ValueError, "extra_kv", lambda: grid_attention(q, k, v, extra_kv=(_x().to("meta"), _x()))),
+    "dilation-zero": (ValueError, "dilation", lambda: local_attention(q, k, v, 3, dilation=0)),
+    "dilation-negative-axis": (ValueError, "dilation", lambda: local_attention(q, k, v, 3, dilation=(1, -2, 1))),
+    "dilation-float": (TypeError, "dilation", lambda: local_attention(q, k, v, 3, dilation=2.0)),
+    "dilation-pair": (TypeError, "dilation", lambda: local_attention(q, k, v, 3, dilation=(2, 2))),
+    "dilation-bool": (TypeError, "dilation", lambda: local_attention(q, k, v, 3, dilation=True)),
+    "dilation-pattern": (ValueError, "dilation", lambda: sparse_attention(q, k, v, Pattern.local(3, dilation=(0, 1, 1)))),
+    "return-lse-int": (TypeError, "return_lse", lambda: strided_attention(q, k, v, 2, return_lse=1)),
+    "return-lse-none": (TypeError, "return_lse", lambda: grid_attention(q, k, v, return_lse=None)),
+    "merge-not-list": (TypeError, "parts", lambda: merge_attention(out_)),
+    "merge-empty": (ValueError, "parts", lambda: merge_attention([])),
+    "merge-not-pair": (TypeError, "parts[1]", lambda: merge_attention([(out_, lse_), (out_,)])),
+    "merge-not-tensors": (TypeError, "parts[0]", lambda: merge_attention([(out_, lse_.tolist())])),
+    "merge-out-shapes": (ValueError, "parts[1] out", lambda: merge_attention([(out_, lse_), (out_[:, :1], lse_[:, :1])])),
+    "merge-lse-shape": (ValueError, "parts[1] lse", lambda: merge_attention([(out_, lse_), (out_, lse_[..., :1])])),
+    "merge-lse-int": (TypeError, "parts[0] lse", lambda: merge_attention([(out_, lse_.long())])),
+    "merge-out-dtype": (TypeError, "parts[1] out", lambda: merge_attention([(out_, lse_), (out_.half(), lse_)])),
+    "merge-device": (ValueError, "parts[1]", lambda: merge_attention([(out_, lse_), (out_.to("meta"), lse_)])),
+}
+BAD.update(BAD_V2)
 
 
 @pytest.mark.parametrize("case", list(BAD))
