@@ -2,28 +2,73 @@
 
 The keys of ``p = (t, y, x)`` are the cells congruent to it modulo ``(st, sh, sw)``:
 every residue class ``(t mod st, y mod sh, x mod sw)`` is a dense attention problem of
-``nT * nH * nW`` cells, addressed through the strides of q/k/v (no copy). One program
-takes ``BLOCK_M`` queries of one class and walks the class's keys ``BLOCK_N`` at a time
-with ``tl.dot`` for ``Q K^T`` and ``P V``.
+``nT * nH * nW`` cells, addressed through the strides of q/k/v (no copy), numbered
+time-major (:func:`~sst_triton.kernels._common.class_cell`). One program takes ``BLOCK_M``
+query cells of one class of one (batch, head) and walks the class's keys ``BLOCK_N`` at a
+time with ``tl.dot`` for ``Q K^T`` and ``P V``.
 
-Grid: ``(cdiv(largest class, BLOCK_M) * classes, B * N)``.
+Version 2: query head ``n`` reads key/value head ``n // GROUP``; the queries are the cells
+of the last ``T_Q`` of the ``T`` frames. Time-major numbering makes a class's query cells a
+contiguous suffix of the class (frames ``>= T - T_Q``), so the query blocks tile that suffix
+only, while the keys (and ``causal``, ``causal_affinity``, the residues) use absolute frames.
+
+Grid: one axis, ``(B * N) * classes * query blocks`` programs, the query blocks of one class
+adjacent (they read the same keys, which then come from L2). Nothing on axes y/z, whose
+65,535 limit the class count alone (``stride=(1, 256, 256)``: 65,536 classes) or ``B * N``
+would pass.
+
+Loads: each key row is read once per query block of its class, so ``BLOCK_M`` is as large
+as the registers allow (128 rows by default): at ``T, H, W = 4, 24, 40``, stride
+``(1, 4, 4)`` a class of 240 cells takes 2 query blocks instead of 8 (``L`` 5.7 -> ~1.7).
 """
 from __future__ import annotations
 
 import sys
+from collections import Counter
 
 import triton
 import triton.language as tl
 
-from ._common import class_cell, config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
-from .launch import Problem, cdiv, require_plain, run
+from ._common import block_d as _block_d, block_o as _block_o, class_cell, dot, forward_aot_specs, object_max_block, \
+    online_softmax_block, store_results
+from .launch import Problem, cdiv, run
+from .work import Work
 
+# Ordered: the first configuration that a head dim keeps (``_prune``) is the one the interpreter
+# runs, so the first is the large-query-block one (fewest key reloads) and fits every head dim.
+# BLOCK_M >= 64 throughout: Hopper's wgmma takes 64-row warpgroup tiles.
 CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
+
+# Head dims (BLOCK_D) above which a configuration is not offered, from `python -m sst_triton.aot`
+# (spills or > 168 registers at 8 warps past these).
+_MAX_BLOCK_D = {
+    (128, 64, 8): 128,
+    (128, 64, 4): 64,
+    (64, 64, 4): 128,
+    (64, 32, 4): 128,
+}
+
+
+def _key(config) -> tuple[int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
+
+
+def configs_for(block_d: int) -> list:
+    """The configurations the autotuner may pick at head dim ``block_d`` (CONFIGS order); the
+    smallest one when none fits (head dims past 128: correct, not spill-checked)."""
+    kept = [c for c in CONFIGS if block_d <= _MAX_BLOCK_D[_key(c)]]
+    return kept or [CONFIGS[-1]]
+
+
+def _prune(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    keep = {_key(c) for c in configs_for(block_d)}
+    return [c for c in configs if _key(c) in keep]
 
 
 @triton.jit
@@ -32,40 +77,48 @@ def strided_fwd(
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
-    N, T, H, W, D, ST, SH, SW,
+    B, N, GROUP, T_Q, T, H, W, D, ST, SH, SW,
     scale_log2,
     CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Q, K, V ``(B, N, T, H, W, D)`` with any strides; ``ST, SH, SW`` the pattern
-    strides clipped to the axis lengths (the launcher's job); Labels int32 ``(B, T, H, W)``."""
-    # (query block, class) share axis 0: classes alone can pass the 65535 limit of axis 1
-    blocks = tl.cdiv(tl.cdiv(T, ST) * tl.cdiv(H, SH) * tl.cdiv(W, SW), BLOCK_M)
-    pid_m = tl.program_id(0) % blocks
-    pid_c = tl.program_id(0) // blocks
-    pid_bn = tl.program_id(1)
+    """Q ``(B, N, T_Q, H, W, D)``, K, V ``(B, N // GROUP, T, H, W, D)``, any strides; ``ST, SH,
+    SW`` the pattern strides clipped to the axis lengths (the launcher's job); Labels int32
+    ``(B, T, H, W)``; Out contiguous ``(B*N, T_Q*H*W, D)``, Lse ``(B*N, T_Q*H*W)``, Aff/Arg
+    ``(B*N, O, T_Q*H*W)`` (Arg values: absolute key cells)."""
+    # ---- program -> (batch-head, class, query block): all on axis 0, blocks fastest
+    blocks = tl.cdiv(tl.cdiv(T_Q, ST) * tl.cdiv(H, SH) * tl.cdiv(W, SW), BLOCK_M)
+    classes = ST * SH * SW
+    pid = tl.program_id(0)
+    pid_m = pid % blocks
+    pid_c = (pid // blocks) % classes
+    pid_bn = pid // (blocks * classes)
     rx = pid_c % SW
     ry = (pid_c // SW) % SH
     rt = pid_c // (SW * SH)
-    nT = tl.cdiv(T - rt, ST)
     nH = tl.cdiv(H - ry, SH)
     nW = tl.cdiv(W - rx, SW)
     plane = nH * nW
-    size = nT * plane
-    if pid_m * BLOCK_M >= size:
+    size = tl.cdiv(T - rt, ST) * plane
+    t_off = T - T_Q
+    # the class's query cells: its frames >= t_off, a suffix in time-major order
+    q_lo = tl.cdiv(tl.maximum(t_off - rt, 0), ST) * plane
+    if q_lo + pid_m * BLOCK_M >= size:
         return
     b = (pid_bn // N).to(tl.int64)
     n = (pid_bn % N).to(tl.int64)
+    kv = n // GROUP
     S = T * H * W
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # ---- the query block
+    offs_m = q_lo + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < size
     qt, qy, qx = class_cell(offs_m, rt, ry, rx, nH, nW, ST, SH, SW)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-
-    q_rows = qt.to(tl.int64) * sq_t + qy.to(tl.int64) * sq_h + qx.to(tl.int64) * sq_w
+    # query frame qt - t_off of q
+    q_rows = (qt - t_off).to(tl.int64) * sq_t + qy.to(tl.int64) * sq_h + qx.to(tl.int64) * sq_w
     q_ptrs = Q + b * sq_b + n * sq_n + q_rows[:, None] + offs_d[None, :].to(tl.int64) * sq_d
     q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
 
@@ -75,13 +128,14 @@ def strided_fwd(
     a_max = tl.full([BLOCK_M, BLOCK_O], float("-inf"), tl.float32)
     a_arg = tl.full([BLOCK_M, BLOCK_O], -1, tl.int32)
 
+    # ---- the class's keys, BLOCK_N at a time
     hi = size
     if CAUSAL:
-        # class-local order is time-major: later frames come after the block's last query
-        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, size) - 1
+        # time-major: keys of frames after the block's last query come after its frame
+        last = tl.minimum(q_lo + pid_m * BLOCK_M + BLOCK_M, size) - 1
         hi = tl.minimum(size, (last // plane + 1) * plane)
-    k_base = K + b * sk_b + n * sk_n
-    v_base = V + b * sv_b + n * sv_n
+    k_base = K + b * sk_b + kv * sk_n
+    v_base = V + b * sv_b + kv * sv_n
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
@@ -110,35 +164,109 @@ def strided_fwd(
             a_max, a_arg = object_max_block(s, eligible, key_labels, start, a_max, a_arg, NUM_OBJ, BLOCK_O)
         m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION, INTERPRET_BF16)
 
-    query_index = (qt * H + qy) * W + qx
+    # ---- epilogue: rows of the query frames, Arg as absolute key cells
+    query_index = ((qt - t_off) * H + qy) * W + qx
     if NUM_OBJ > 0:
         at, ay, ax = class_cell(a_arg, rt, ry, rx, nH, nW, ST, SH, SW)
         a_arg = (at * H + ay) * W + ax
     store_results(
-        Out, Lse, Aff, Arg, b * N + n, S, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
+        Out, Lse, Aff, Arg, b * N + n, T_Q * H * W, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
         NUM_OBJ, BLOCK_D, BLOCK_O, INTERPRET_BF16,
     )
 
 
 strided_fwd_tuned = triton.autotune(
     CONFIGS,
-    key=["N", "T", "H", "W", "ST", "SH", "SW", "BLOCK_D", "NUM_OBJ", "CAUSAL"],
-    prune_configs_by={"early_config_prune": config_pruner()},
+    key=["B", "N", "GROUP", "T_Q", "T", "H", "W", "ST", "SH", "SW", "BLOCK_D", "NUM_OBJ", "CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune},
 )(strided_fwd)
 
 AOT_SPECS = forward_aot_specs(
-    "strided_fwd", strided_fwd, CONFIGS, dict(ST=2, SH=2, SW=2), dict(CAUSAL=True, CAUSAL_AFF=True),
-    "stride 2, causal",
+    "strided_fwd", strided_fwd, CONFIGS, dict(B=1, GROUP=1, T_Q=4, ST=2, SH=2, SW=2),
+    dict(CAUSAL=True, CAUSAL_AFF=True), "stride 2, causal",
 )
+for _spec in AOT_SPECS:
+    _spec.configs = configs_for(_spec.constexprs["BLOCK_D"])
+
+
+def clipped_stride(p: Problem) -> tuple[int, int, int]:
+    """The pattern's stride clipped to the axis lengths: a stride past an axis leaves one
+    residue per cell, as the axis length itself does."""
+    return tuple(min(s, n) for s, n in zip(p.pattern.stride, (p.T, p.H, p.W)))
+
+
+def largest_query_class(p: Problem) -> int:
+    """Most query cells of one class (class (0, 0, 0) within the query frames)."""
+    st, sh, sw = clipped_stride(p)
+    return cdiv(p.T_q, st) * cdiv(p.H, sh) * cdiv(p.W, sw)
 
 
 def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
                    interpret: bool, config=None) -> None:
     """Launch :func:`strided_fwd` for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
-    require_plain(p, "strided")
-    st, sh, sw = (min(s, n) for s, n in zip(p.pattern.stride, (p.T, p.H, p.W)))
-    largest = cdiv(p.T, st) * cdiv(p.H, sh) * cdiv(p.W, sw)  # class (0, 0, 0) is the largest
-    grid = lambda m: (cdiv(largest, m["BLOCK_M"]) * st * sh * sw, p.B * p.N)  # noqa: E731
-    args = (*pointers, *strides, p.N, p.T, p.H, p.W, p.D, st, sh, sw, scale_log2)
-    run(sys.modules[__name__], "strided_fwd", grid, args, meta, interpret=interpret, configs=CONFIGS,
-        config=config, sizes=f"B*N={p.B * p.N}, classes={st * sh * sw}")
+    st, sh, sw = clipped_stride(p)
+    largest = largest_query_class(p)
+    grid = lambda m: (p.B * p.N * st * sh * sw * cdiv(largest, m["BLOCK_M"]),)  # noqa: E731
+    args = (*pointers, *strides, p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, st, sh, sw, scale_log2)
+    run(sys.modules[__name__], "strided_fwd", grid, args, meta, interpret=interpret,
+        configs=configs_for(meta["BLOCK_D"]), config=config,
+        sizes=f"B*N={p.B * p.N}, classes={st * sh * sw}, largest class={largest} query cells")
+
+
+# ---------------------------------------------------------------------------------------
+# Work model (sst_triton.kernels.work): exact for the tiling above
+# ---------------------------------------------------------------------------------------
+
+
+def class_shapes(p: Problem) -> Counter:
+    """``(nT, first query frame (class-local), nH, nW) -> number of classes`` over all classes."""
+    st, sh, sw = clipped_stride(p)
+    by_t = Counter((cdiv(p.T - rt, st), cdiv(max(p.t_off - rt, 0), st)) for rt in range(st))
+    by_h = Counter(cdiv(p.H - ry, sh) for ry in range(sh))
+    by_w = Counter(cdiv(p.W - rx, sw) for rx in range(sw))
+    return Counter({
+        (nT, qf, nH, nW): ct * ch * cw
+        for (nT, qf), ct in by_t.items() for nH, ch in by_h.items() for nW, cw in by_w.items()
+    })
+
+
+def query_blocks(nT: int, qf: int, plane: int, block: int, causal: bool):
+    """``(query rows, key rows walked)`` of every query block of one class (as the kernels tile)."""
+    size, q_lo = nT * plane, qf * plane
+    for start in range(q_lo, size, block):
+        rows = min(block, size - start)
+        hi = min(size, ((start + rows - 1) // plane + 1) * plane) if causal else size
+        yield rows, hi
+
+
+def work_forward(p: Problem, config, elem_bytes: int = 4) -> Work:
+    """What :func:`strided_fwd` issues for ``p`` under ``config``; q/k/v elements of
+    ``elem_bytes`` (4: float32), contiguous tensors."""
+    BM, BN = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    BD, BO, O = _block_d(p.D), _block_o(p.num_obj), p.num_obj
+    causal = p.pattern.causal
+    st, sh, sw = clipped_stride(p)
+    heads = p.B * p.N
+    w = Work(programs=heads * st * sh * sw * cdiv(largest_query_class(p), BM))
+    distinct_keys = 0
+    for (nT, qf, nH, nW), count in class_shapes(p).items():
+        plane = nH * nW
+        if qf >= nT:
+            continue  # no query frame in this class: its programs return at once
+        distinct_keys += count * nT * plane
+        for rows, hi in query_blocks(nT, qf, plane, BM, causal):
+            key_blocks = cdiv(hi, BN)
+            c = Work(
+                exp=key_blocks * (BM * BN + BM) + (BM * BO if O else 0),
+                dot_flops=key_blocks * 2 * (2 * BM * BN * BD),
+                load_bytes=rows * p.D * elem_bytes + hi * (2 * p.D * elem_bytes + (4 if O else 0)),
+            )
+            w.exp += heads * count * c.exp
+            w.dot_flops += heads * count * c.dot_flops
+            w.load_bytes += heads * count * c.load_bytes
+    w.distinct_bytes = (
+        heads * p.S_q * p.D * elem_bytes                              # Q
+        + 2 * p.B * p.N_kv * distinct_keys * p.D * elem_bytes        # K, V
+        + (p.B * distinct_keys * 4 if O else 0)                       # labels
+    )
+    return w
