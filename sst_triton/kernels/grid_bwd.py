@@ -1,25 +1,40 @@
-"""Grid attention backward.
+"""Grid attention backward: the forward's two passes, for queries and for keys.
 
 The keys of ``p = (t, y, x)`` are its row ``(t, y, *)``, its column ``(t, *, x)`` and its
-time line ``(*, y, x)``, ``p`` counted once. The pattern is symmetric (``q`` is in the grid
-of ``p`` iff ``p`` is in that of ``q``) except for ``causal``, which only cuts the time line
-(query frame ``>=`` key frame).
+time line ``(*, y, x)``, ``p`` counted once (in the row). The pattern is symmetric (``q`` is
+in the grid of ``p`` iff ``p`` is in that of ``q``) except for ``causal``, which only cuts
+the time line (query frame ``>=`` key frame), and for ``T_q < T``: only the last ``T_q``
+frames hold queries.
 
-``grid_bwd_dq``: ``BLOCK_M`` consecutive cells of one row; the row's keys are one dense
-block (``tl.dot``), the column and time keys differ per query: one key per query per step,
-vector products (grid is ``O(T + H + W)`` per query, bandwidth-bound anyway).
-``grid_bwd_dkdv``: ``BLOCK_N`` consecutive keys of one row, walking the row's queries with
-``tl.dot`` and the column and time queries of each key as vectors.
+As in the forward (:mod:`.grid_fwd`), each axis is one dense problem per tile on tensor
+cores, and the time line (``T`` cells, fewer than ``tl.dot``'s 16) is one vector product
+per query and key:
 
-Grid: ``(cdiv(W, BLOCK), T * H, B * N)``.
+- ``grid_bwd_dq_rows``: ``BLOCK_M`` queries of one row against their row keys (``tl.dot``)
+  and time keys; writes the partial ``dQ / scale`` (accumulation dtype; ``DQ`` itself when
+  that is its dtype).
+- ``grid_bwd_dq_cols``: ``BLOCK_M`` queries of one column against their column keys,
+  plus the partial; writes ``DQ``.
+- ``grid_bwd_dkdv_rows``: ``BLOCK_N`` keys of one row, for each query head of their
+  key/value head's group (summed in the program: deterministic, no atomics), against the
+  queries of their row (if the frame holds queries) and of their time lines (query frames
+  only; later ones only when causal); writes partial ``dK / scale`` and ``dV``.
+- ``grid_bwd_dkdv_cols``: ``BLOCK_N`` keys of one column against the queries of the
+  column, plus the partials; writes ``DK`` and ``DV``.
+
+Grids fold everything on axis 0: ``cdiv(W, BLOCK) * T_Q * H * B * N`` (dQ rows),
+``cdiv(H, BLOCK) * T_Q * W * B * N`` (dQ columns), ``cdiv(W, BLOCK) * T * H * B * N_kv`` and
+``cdiv(H, BLOCK) * T * W * B * N_kv`` (dK/dV).
 """
 from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 import triton.language as tl
 
+from ._common import config_pruner
 from .common_bwd import (
     aot_spec,
     dkdv_block,
@@ -31,58 +46,82 @@ from .common_bwd import (
     object_grad_pairs,
     store_cells,
 )
-from .launch import Problem, cdiv, require_plain, run
+from .launch import Problem, cdiv, check_grid, run
+from .work import Work
 
-# Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
-# its query tile, the key pass its key tile. The first config is the interpreter's.
+# The first configuration is the interpreter's (16-wide tiles: the least padding at the
+# SST shapes, see :func:`work_backward`); the others are for the GPU (BLOCK >= 64 where
+# Hopper's wgmma applies to the tile's own side).
 CONFIGS_DQ = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
 ]
 CONFIGS_DKDV = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    # the per-key column/time vectors add to the tile's registers: 8 warps keep it spill-free
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
-TUNE_KEY = ["T", "H", "W", "D"]
+TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUSAL"]
 
 
 @triton.jit
-def grid_bwd_dq(
-    Q, K, V, DO, Lse, Delta, Arg, G, DQ,
+def _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx, y, t0, t1, H, W, D,
+             sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale,
+             NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Time keys ``(tt, y, qx)``, ``tt`` in ``[t0, t1)``, of a row of queries into ``dq``."""
+    for tt in range(t0, t1):
+        k = load_cells(k_base, tt, y, qx, sk_t, sk_h, sk_w, sk_d, m_valid, D, BLOCK_D)
+        v = load_cells(v_base, tt, y, qx, sv_t, sv_h, sv_w, sv_d, m_valid, D, BLOCK_D)
+        if NUM_OBJ > 0:
+            obj = object_grad_pairs(Arg, G, bn, S_q, q_index, m_valid, (tt * H + y) * W + qx, NUM_OBJ)
+        else:
+            obj = 0.0
+        dq = dq_pairs(q, do, lse, delta, k, v, m_valid, obj, scale, dq)
+    return dq
+
+
+@triton.jit
+def grid_bwd_dq_rows(
+    Q, K, V, DO, Lse, Delta, Arg, G, DQ, Part,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
     sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    N, T, H, W, D,
+    B, N, GROUP, T_Q, T, H, W, D,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``dQ`` of ``BLOCK_M`` cells of row ``program_id(1) = t * H + y``. Q, K, V, DO
-    ``(B, N, T, H, W, D)`` any strides; Lse, Delta ``(B*N, S)``; Arg, G ``(B*N, O, S)``;
-    DQ contiguous ``(B*N, S, D)``."""
-    pid_m = tl.program_id(0)
-    row = tl.program_id(1)
-    pid_bn = tl.program_id(2)
-    t = row // H
+    """Row and time keys of ``BLOCK_M`` queries of one row into Part ``(B*N, S_q, D)``
+    (``dQ / scale``, accumulation dtype). Q, DO ``(B, N, T_Q, H, W, D)``, K, V
+    ``(B, N // GROUP, T, H, W, D)``, any strides; Lse, Delta ``(B*N, S_q)``; Arg, G
+    ``(B*N, O, S_q)`` (Arg: absolute key indices)."""
+    blocks = tl.cdiv(W, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_x = pid % blocks
+    row = (pid // blocks) % (T_Q * H)
+    pid_bn = pid // (blocks * T_Q * H)
+    tq = row // H
     y = row % H
+    t = tq + (T - T_Q)
     b = (pid_bn // N).to(tl.int64)
     n = (pid_bn % N).to(tl.int64)
+    kv = n // GROUP
     bn = pid_bn.to(tl.int64)
-    S = T * H * W
+    S_q = T_Q * H * W
 
-    qx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qx = pid_x * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = qx < W
     q_index = row * W + qx
-    q = load_cells(Q + b * sq_b + n * sq_n, t, y, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-    do = load_cells(DO + b * sdo_b + n * sdo_n, t, y, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-    lse = tl.load(Lse + bn * S + q_index, mask=m_valid, other=0.0)
-    delta = tl.load(Delta + bn * S + q_index, mask=m_valid, other=0.0)
+    q = load_cells(Q + b * sq_b + n * sq_n, tq, y, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
+    do = load_cells(DO + b * sdo_b + n * sdo_n, tq, y, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
+    lse = tl.load(Lse + bn * S_q + q_index, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + bn * S_q + q_index, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], Lse.dtype.element_ty)
-    k_base = K + b * sk_b + n * sk_n
-    v_base = V + b * sv_b + n * sv_n
+    k_base = K + b * sk_b + kv * sk_n
+    v_base = V + b * sv_b + kv * sv_n
 
     # the row, the query itself included: dense
     for x0 in range(0, W, BLOCK_N):
@@ -92,150 +131,311 @@ def grid_bwd_dq(
         v = load_cells(v_base, t, y, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
         in_pattern = m_valid[:, None] & n_valid[None, :]
         if NUM_OBJ > 0:
-            obj = object_grad(Arg, G, bn, S, q_index, m_valid, row * W + kx, NUM_OBJ, False)
+            obj = object_grad(Arg, G, bn, S_q, q_index, m_valid, (t * H + y) * W + kx, NUM_OBJ, False)
         else:
             obj = 0.0
         dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
 
-    # the column: key (t, y2, x) of query (t, y, x)
-    for y2 in range(0, H):
-        # compared as a vector: the interpreter cannot mask a load with block & scalar
-        valid = m_valid & (qx * 0 + y != y2)
-        k = load_cells(k_base, t, y2, qx, sk_t, sk_h, sk_w, sk_d, valid, D, BLOCK_D)
-        v = load_cells(v_base, t, y2, qx, sv_t, sv_h, sv_w, sv_d, valid, D, BLOCK_D)
-        if NUM_OBJ > 0:
-            obj = object_grad_pairs(Arg, G, bn, S, q_index, valid, (t * H + y2) * W + qx, NUM_OBJ)
-        else:
-            obj = 0.0
-        dq = dq_pairs(q, do, lse, delta, k, v, valid, obj, scale, dq)
+    # the time line: earlier frames, then (not causal) later ones
+    dq = _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx, y, 0, t, H, W, D,
+                  sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale, NUM_OBJ, BLOCK_D)
+    if not CAUSAL:
+        dq = _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx, y, t + 1, T, H, W, D,
+                      sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale, NUM_OBJ, BLOCK_D)
 
-    # the time line: key (t2, y, x), earlier or same frames only when causal
-    t_end = T
-    if CAUSAL:
-        t_end = t + 1
-    for t2 in range(0, t_end):
-        valid = m_valid & (qx * 0 + t != t2)
-        k = load_cells(k_base, t2, y, qx, sk_t, sk_h, sk_w, sk_d, valid, D, BLOCK_D)
-        v = load_cells(v_base, t2, y, qx, sv_t, sv_h, sv_w, sv_d, valid, D, BLOCK_D)
-        if NUM_OBJ > 0:
-            obj = object_grad_pairs(Arg, G, bn, S, q_index, valid, (t2 * H + y) * W + qx, NUM_OBJ)
-        else:
-            obj = 0.0
-        dq = dq_pairs(q, do, lse, delta, k, v, valid, obj, scale, dq)
-
-    store_cells(DQ + bn * S * D, dq * scale, q_index, m_valid, D, BLOCK_D)
+    store_cells(Part + bn * S_q * D, dq, q_index, m_valid, D, BLOCK_D)
 
 
 @triton.jit
-def grid_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV,
+def grid_bwd_dq_cols(
+    Q, K, V, DO, Lse, Delta, Arg, G, DQ, Part,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
     sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    N, T, H, W, D,
+    B, N, GROUP, T_Q, T, H, W, D,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``dK`` and ``dV`` of ``BLOCK_N`` keys of row ``program_id(1) = t * H + y``;
-    arguments as in :func:`grid_bwd_dq`, DK and DV contiguous ``(B*N, S, D)``."""
-    pid_n = tl.program_id(0)
-    row = tl.program_id(1)
-    pid_bn = tl.program_id(2)
-    t = row // H
-    y = row % H
+    """Column keys of ``BLOCK_M`` queries of one column, plus the row pass's Part; writes
+    DQ contiguous ``(B*N, S_q, D)`` (arguments as in :func:`grid_bwd_dq_rows`)."""
+    blocks = tl.cdiv(H, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_y = pid % blocks
+    line = (pid // blocks) % (T_Q * W)
+    pid_bn = pid // (blocks * T_Q * W)
+    tq = line // W
+    x = line % W
+    t = tq + (T - T_Q)
     b = (pid_bn // N).to(tl.int64)
     n = (pid_bn % N).to(tl.int64)
+    kv = n // GROUP
     bn = pid_bn.to(tl.int64)
-    S = T * H * W
+    S_q = T_Q * H * W
 
-    kx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    qy = pid_y * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = qy < H
+    q_index = (tq * H + qy) * W + x
+    q = load_cells(Q + b * sq_b + n * sq_n, tq, qy, x, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
+    do = load_cells(DO + b * sdo_b + n * sdo_n, tq, qy, x, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
+    lse = tl.load(Lse + bn * S_q + q_index, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + bn * S_q + q_index, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], Lse.dtype.element_ty)
+    k_base = K + b * sk_b + kv * sk_n
+    v_base = V + b * sv_b + kv * sv_n
+
+    # the column, the query itself excluded (it is in the row): dense
+    for y0 in range(0, H, BLOCK_N):
+        ky = y0 + tl.arange(0, BLOCK_N)
+        n_valid = ky < H
+        k = load_cells(k_base, t, ky, x, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
+        v = load_cells(v_base, t, ky, x, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+        in_pattern = m_valid[:, None] & n_valid[None, :] & (qy[:, None] != ky[None, :])
+        if NUM_OBJ > 0:
+            obj = object_grad(Arg, G, bn, S_q, q_index, m_valid, (t * H + ky) * W + x, NUM_OBJ, False)
+        else:
+            obj = 0.0
+        dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    cells = bn * S_q + q_index.to(tl.int64)
+    dq += tl.load(Part + cells[:, None] * D + offs_d[None, :], mask=m_valid[:, None] & (offs_d[None, :] < D),
+                  other=0.0)
+    store_cells(DQ + bn * S_q * D, dq * scale, q_index, m_valid, D, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx, y, t0, t1, T_Q, T, H, W, D,
+               sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale,
+               NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Queries ``(tt, y, kx)`` of the time lines of a row of keys, absolute frames ``tt`` in
+    ``[t0, t1)`` (all query frames), into ``dk``, ``dv``."""
+    t_off = T - T_Q
+    for tt in range(t0, t1):
+        q_index = ((tt - t_off) * H + y) * W + kx
+        q = load_cells(q_base, tt - t_off, y, kx, sq_t, sq_h, sq_w, sq_d, n_valid, D, BLOCK_D)
+        do = load_cells(do_base, tt - t_off, y, kx, sdo_t, sdo_h, sdo_w, sdo_d, n_valid, D, BLOCK_D)
+        lse = tl.load(Lse + bq * S_q + q_index, mask=n_valid, other=0.0)
+        delta = tl.load(Delta + bq * S_q + q_index, mask=n_valid, other=0.0)
+        if NUM_OBJ > 0:
+            obj = object_grad_pairs(Arg, G, bq, S_q, q_index, n_valid, k_index, NUM_OBJ)
+        else:
+            obj = 0.0
+        dk, dv = dkdv_pairs(k, v, q, do, lse, delta, n_valid, obj, scale, dk, dv)
+    return dk, dv
+
+
+@triton.jit
+def grid_bwd_dkdv_rows(
+    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV, PartK, PartV,
+    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
+    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
+    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
+    sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
+    B, N, GROUP, T_Q, T, H, W, D,
+    scale,
+    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Row and time queries of ``BLOCK_N`` keys of one row, summed over the ``GROUP`` query
+    heads of their key/value head, into PartK, PartV ``(B*N_kv, S, D)`` (``dK / scale`` and
+    ``dV``, accumulation dtype); arguments as in :func:`grid_bwd_dq_rows`."""
+    N_KV = N // GROUP
+    blocks = tl.cdiv(W, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_x = pid % blocks
+    row = (pid // blocks) % (T * H)
+    pid_bk = pid // (blocks * T * H)
+    t = row // H
+    y = row % H
+    t_off = T - T_Q
+    b = (pid_bk // N_KV).to(tl.int64)
+    kv = (pid_bk % N_KV).to(tl.int64)
+    S = T * H * W
+    S_q = T_Q * H * W
+
+    kx = pid_x * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = kx < W
     k_index = row * W + kx
-    k = load_cells(K + b * sk_b + n * sk_n, t, y, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
-    v = load_cells(V + b * sv_b + n * sv_n, t, y, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+    k = load_cells(K + b * sk_b + kv * sk_n, t, y, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
+    v = load_cells(V + b * sv_b + kv * sv_n, t, y, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
     dv = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
-    q_base = Q + b * sq_b + n * sq_n
-    do_base = DO + b * sdo_b + n * sdo_n
+    # the row's queries exist only in a query frame
+    row_end = W * (t >= t_off).to(tl.int32)
+    tq = t - t_off
+    for g in range(0, GROUP):
+        n = kv * GROUP + g
+        bq = b * N + n
+        q_base = Q + b * sq_b + n * sq_n
+        do_base = DO + b * sdo_b + n * sdo_n
 
-    # queries of the row: dense
-    for x0 in range(0, W, BLOCK_M):
-        qx = x0 + tl.arange(0, BLOCK_M)
-        m_valid = qx < W
-        q_index = row * W + qx
-        q = load_cells(q_base, t, y, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-        do = load_cells(do_base, t, y, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-        lse = tl.load(Lse + bn * S + q_index, mask=m_valid, other=0.0)
-        delta = tl.load(Delta + bn * S + q_index, mask=m_valid, other=0.0)
-        in_pattern = n_valid[:, None] & m_valid[None, :]
-        if NUM_OBJ > 0:
-            obj = object_grad(Arg, G, bn, S, q_index, m_valid, k_index, NUM_OBJ, True)
-        else:
-            obj = 0.0
-        dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
+        # queries of the row: dense
+        for x0 in range(0, row_end, BLOCK_M):
+            qx = x0 + tl.arange(0, BLOCK_M)
+            m_valid = qx < W
+            q_index = (tq * H + y) * W + qx
+            q = load_cells(q_base, tq, y, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
+            do = load_cells(do_base, tq, y, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
+            lse = tl.load(Lse + bq * S_q + q_index, mask=m_valid, other=0.0)
+            delta = tl.load(Delta + bq * S_q + q_index, mask=m_valid, other=0.0)
+            in_pattern = n_valid[:, None] & m_valid[None, :]
+            if NUM_OBJ > 0:
+                obj = object_grad(Arg, G, bq, S_q, q_index, m_valid, k_index, NUM_OBJ, True)
+            else:
+                obj = 0.0
+            dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
 
-    # queries of the column: query (t, y2, x) of key (t, y, x)
-    for y2 in range(0, H):
-        valid = n_valid & (kx * 0 + y != y2)
-        q_index = (t * H + y2) * W + kx
-        q = load_cells(q_base, t, y2, kx, sq_t, sq_h, sq_w, sq_d, valid, D, BLOCK_D)
-        do = load_cells(do_base, t, y2, kx, sdo_t, sdo_h, sdo_w, sdo_d, valid, D, BLOCK_D)
-        lse = tl.load(Lse + bn * S + q_index, mask=valid, other=0.0)
-        delta = tl.load(Delta + bn * S + q_index, mask=valid, other=0.0)
-        if NUM_OBJ > 0:
-            obj = object_grad_pairs(Arg, G, bn, S, q_index, valid, k_index, NUM_OBJ)
-        else:
-            obj = 0.0
-        dk, dv = dkdv_pairs(k, v, q, do, lse, delta, valid, obj, scale, dk, dv)
+        # queries of the time lines: later query frames, then (not causal) earlier ones
+        dk, dv = _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx, y,
+                            tl.maximum(t + 1, t_off), T, T_Q, T, H, W, D, sq_t, sq_h, sq_w, sq_d,
+                            sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale, NUM_OBJ, BLOCK_D)
+        if not CAUSAL:
+            dk, dv = _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx, y,
+                                t_off, t, T_Q, T, H, W, D, sq_t, sq_h, sq_w, sq_d,
+                                sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale, NUM_OBJ, BLOCK_D)
 
-    # queries of the time line: later or same frames only when causal
-    t_start = 0
-    if CAUSAL:
-        t_start = t
-    for t2 in range(t_start, T):
-        valid = n_valid & (kx * 0 + t != t2)
-        q_index = (t2 * H + y) * W + kx
-        q = load_cells(q_base, t2, y, kx, sq_t, sq_h, sq_w, sq_d, valid, D, BLOCK_D)
-        do = load_cells(do_base, t2, y, kx, sdo_t, sdo_h, sdo_w, sdo_d, valid, D, BLOCK_D)
-        lse = tl.load(Lse + bn * S + q_index, mask=valid, other=0.0)
-        delta = tl.load(Delta + bn * S + q_index, mask=valid, other=0.0)
-        if NUM_OBJ > 0:
-            obj = object_grad_pairs(Arg, G, bn, S, q_index, valid, k_index, NUM_OBJ)
-        else:
-            obj = 0.0
-        dk, dv = dkdv_pairs(k, v, q, do, lse, delta, valid, obj, scale, dk, dv)
-
-    store_cells(DK + bn * S * D, dk * scale, k_index, n_valid, D, BLOCK_D)
-    store_cells(DV + bn * S * D, dv, k_index, n_valid, D, BLOCK_D)
+    bk = pid_bk.to(tl.int64)
+    store_cells(PartK + bk * S * D, dk, k_index, n_valid, D, BLOCK_D)
+    store_cells(PartV + bk * S * D, dv, k_index, n_valid, D, BLOCK_D)
 
 
-grid_bwd_dq_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY)(grid_bwd_dq)
-grid_bwd_dkdv_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY)(grid_bwd_dkdv)
+@triton.jit
+def grid_bwd_dkdv_cols(
+    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV, PartK, PartV,
+    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
+    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
+    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
+    sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
+    B, N, GROUP, T_Q, T, H, W, D,
+    scale,
+    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Column queries of ``BLOCK_N`` keys of one column (group heads summed), plus the row
+    pass's partials; writes DK, DV contiguous ``(B*N_kv, S, D)``."""
+    N_KV = N // GROUP
+    blocks = tl.cdiv(H, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_y = pid % blocks
+    line = (pid // blocks) % (T * W)
+    pid_bk = pid // (blocks * T * W)
+    t = line // W
+    x = line % W
+    t_off = T - T_Q
+    b = (pid_bk // N_KV).to(tl.int64)
+    kv = (pid_bk % N_KV).to(tl.int64)
+    S = T * H * W
+    S_q = T_Q * H * W
 
-_NOTE = "bf16, contiguous (1, 8, 4, 32, 32, 64), causal, 3 objects"
-_FIXED = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee", DOT_FP32=False)
-AOT_SPECS = [
-    aot_spec(f"grid_bwd_{part}", kernel, outputs, {}, _FIXED, configs, _NOTE)
-    for part, kernel, outputs, configs in (
-        ("dq", grid_bwd_dq, ("DQ",), CONFIGS_DQ),
-        ("dkdv", grid_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
-    )
-]
+    ky = pid_y * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = ky < H
+    k_index = (t * H + ky) * W + x
+    k = load_cells(K + b * sk_b + kv * sk_n, t, ky, x, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
+    v = load_cells(V + b * sv_b + kv * sv_n, t, ky, x, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
+    col_end = H * (t >= t_off).to(tl.int32)
+    tq = t - t_off
+    for g in range(0, GROUP):
+        n = kv * GROUP + g
+        bq = b * N + n
+        q_base = Q + b * sq_b + n * sq_n
+        do_base = DO + b * sdo_b + n * sdo_n
+        # queries of the column, the key's own cell excluded (it is in the row): dense
+        for y0 in range(0, col_end, BLOCK_M):
+            qy = y0 + tl.arange(0, BLOCK_M)
+            m_valid = qy < H
+            q_index = (tq * H + qy) * W + x
+            q = load_cells(q_base, tq, qy, x, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
+            do = load_cells(do_base, tq, qy, x, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
+            lse = tl.load(Lse + bq * S_q + q_index, mask=m_valid, other=0.0)
+            delta = tl.load(Delta + bq * S_q + q_index, mask=m_valid, other=0.0)
+            in_pattern = n_valid[:, None] & m_valid[None, :] & (ky[:, None] != qy[None, :])
+            if NUM_OBJ > 0:
+                obj = object_grad(Arg, G, bq, S_q, q_index, m_valid, k_index, NUM_OBJ, True)
+            else:
+                obj = 0.0
+            dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
+
+    bk = pid_bk.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    cells = bk * S + k_index.to(tl.int64)
+    tile_mask = n_valid[:, None] & (offs_d[None, :] < D)
+    dk += tl.load(PartK + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
+    dv += tl.load(PartV + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
+    store_cells(DK + bk * S * D, dk * scale, k_index, n_valid, D, BLOCK_D)
+    store_cells(DV + bk * S * D, dv, k_index, n_valid, D, BLOCK_D)
+
+
+_prune = {"early_config_prune": config_pruner()}
+grid_bwd_dq_rows_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dq_rows)
+grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dq_cols)
+grid_bwd_dkdv_rows_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dkdv_rows)
+grid_bwd_dkdv_cols_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dkdv_cols)
+
+
+def _aot_specs():
+    from ._common import configs_for, example_scalars
+
+    specs = []
+    for d in (32, 64, 128):
+        example = example_scalars(D=d)
+        example.update({f"sdo_{axis}": example[f"sq_{axis}"] for axis in ("b", "n", "t", "h", "w", "d")})
+        note = f"bf16, contiguous (1, 8, 4, 32, 32, {d}), GQA group 2, causal, 3 objects"
+        fixed = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=d, DOT_PRECISION="ieee", DOT_FP32=False)
+        for name, kernel, outputs, configs in (
+            ("dq_rows", grid_bwd_dq_rows, ("DQ",), CONFIGS_DQ),
+            ("dq_cols", grid_bwd_dq_cols, ("DQ",), CONFIGS_DQ),
+            ("dkdv_rows", grid_bwd_dkdv_rows, ("DK", "DV"), CONFIGS_DKDV),
+            ("dkdv_cols", grid_bwd_dkdv_cols, ("DK", "DV"), CONFIGS_DKDV),
+        ):
+            spec = aot_spec(f"grid_bwd_{name}[d{d}]", kernel, outputs, dict(example, B=1, GROUP=2, T_Q=4), fixed,
+                            configs_for(configs, d), note)
+            for part in ("Part", "PartK", "PartV"):
+                spec.pointers[part] = "*fp32"
+            specs.append(spec)
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+
+
+def _partial(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where a row pass leaves its partial gradient: ``x`` itself when it has the
+    accumulation dtype."""
+    if x.dtype == dtype:
+        return x
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
 def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
                     interpret: bool, config_dq=None, config_dkdv=None) -> None:
-    """Launch the dQ and the dK/dV kernels for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
-    require_plain(p, "grid")
-    sizes = (p.N, p.T, p.H, p.W, p.D, float(scale))
-    grid_q = lambda m: (cdiv(p.W, m["BLOCK_M"]), p.T * p.H, p.B * p.N)  # noqa: E731
-    grid_k = lambda m: (cdiv(p.W, m["BLOCK_N"]), p.T * p.H, p.B * p.N)  # noqa: E731
-    limits = f"T*H={p.T * p.H}, B*N={p.B * p.N}"
+    """Launch the dQ kernels (rows, then columns) and the dK/dV kernels (rows, then columns)
+    for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    acc = inputs[4].dtype  # Lse: float32, or float64 on the gradcheck path
+    part_q, part_k, part_v = _partial(dq, acc), _partial(dk, acc), _partial(dv, acc)
+    sizes = (p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, float(scale))
+    limits = f"T*H={p.T * p.H}, T*W={p.T * p.W}, B*N={p.B * p.N}"
+    grids = {
+        "grid_bwd_dq_rows": lambda m: (cdiv(p.W, m["BLOCK_M"]) * p.T_q * p.H * p.B * p.N,),
+        "grid_bwd_dq_cols": lambda m: (cdiv(p.H, m["BLOCK_M"]) * p.T_q * p.W * p.B * p.N,),
+        "grid_bwd_dkdv_rows": lambda m: (cdiv(p.W, m["BLOCK_N"]) * p.T * p.H * p.B * p.N_kv,),
+        "grid_bwd_dkdv_cols": lambda m: (cdiv(p.H, m["BLOCK_N"]) * p.T * p.W * p.B * p.N_kv,),
+    }
+    configs = {"dq": (CONFIGS_DQ, config_dq), "dkdv": (CONFIGS_DKDV, config_dkdv)}
+    # every grid is checked before any kernel runs
+    for name, grid in grids.items():
+        listed, forced = configs[name.split("_")[2]]
+        for c in [forced] if forced is not None else listed:
+            check_grid(name, grid({**meta, **c.kwargs}), limits)
     module = sys.modules[__name__]
-    run(module, "grid_bwd_dq", grid_q, (*inputs, dq, *strides, *sizes), meta, interpret=interpret,
-        configs=CONFIGS_DQ, config=config_dq, sizes=limits)
-    run(module, "grid_bwd_dkdv", grid_k, (*inputs, dk, dv, *strides, *sizes), meta, interpret=interpret,
-        configs=CONFIGS_DKDV, config=config_dkdv, sizes=limits)
+    for name, grid in grids.items():
+        listed, forced = configs[name.split("_")[2]]
+        outputs = (dq, part_q) if "dq" in name else (dk, dv, part_k, part_v)
+        run(module, name, grid, (*inputs, *outputs, *strides, *sizes), meta, interpret=interpret,
+            configs=listed, config=forced, sizes=limits)

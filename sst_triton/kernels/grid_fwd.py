@@ -1,18 +1,40 @@
-"""Grid attention forward: row keys as a dense block, column and time keys as vectors.
+"""Grid attention forward: two passes, each a dense attention problem on tensor cores.
 
-One program takes ``BLOCK_M`` consecutive queries of one row ``(t, y, x0 ...)``. Their row
-keys ``(t, y, *)`` are shared: a dense ``tl.dot`` block walked ``BLOCK_N`` at a time.
-Column keys ``(t, y', x)`` and time keys ``(t', y, x)`` differ per query, but for a fixed
-``y'`` (or ``t'``) the tile's keys are again a contiguous row segment, so each step is a
-batch of ``BLOCK_M`` vector products: bandwidth-bound, which suits the ``O(T + H + W)``
-keys per query. The query itself is counted once, in the row.
+The keys of query ``p = (t, y, x)`` are its row ``(t, y, *)``, its column ``(t, *, x)`` and
+its time line ``(*, y, x)``, ``p`` itself counted once (in the row). No query tile shares
+both its row and its column keys with every other query of the tile, so the work is split
+by axis, each axis a dense block per tile, and merged by log-sum-exp:
 
-Grid: ``(cdiv(W, BLOCK_M) * T * H, B * N)``.
+``grid_fwd_rows``: ``BLOCK_M`` consecutive queries of one row ``(t, y, x0 ...)``. Their row
+keys are one dense ``[BLOCK_M, W]`` problem (``tl.dot``, ``BLOCK_N`` keys at a time). The
+time keys ``(t', y, x)`` of the tile are a contiguous row segment per frame ``t'``, one key
+per query: ``T - 1`` vector products (a time line has ``T`` keys, fewer than the 16 rows or
+columns ``tl.dot`` needs on either side). Each key is loaded once per tile. It writes the
+partial state: normalised partial output (``Part``, float32), base-2 log-sum-exp (``Lse``),
+and per object the best base-2 logit (``Aff``) and its key (``Arg``).
+
+``grid_fwd_cols``: ``BLOCK_M`` consecutive queries of one column ``(t, y0 ..., x)`` against
+the column keys ``(t, *, x)`` (the query itself masked out): again one dense problem per
+tile. It then merges the row pass's partial state of the same queries (a running max,
+sum and accumulator merged like two key blocks of one online softmax, the object maxima
+and their keys by comparison, so affinities stay exact) and writes the results.
+
+Version 2: query head ``n`` reads key/value head ``n // GROUP``; query frame ``i`` is the
+absolute frame ``T - T_Q + i`` and every rule (time line, causal, causal affinity) uses
+absolute frames. Grids fold everything on axis 0: ``cdiv(W, BLOCK_M) * T_Q * H * B * N``
+programs for the row pass, ``cdiv(H, BLOCK_M) * T_Q * W * B * N`` for the column pass.
+
+Work at T, H, W = 4, 24, 40 (``CONFIGS[0]``, see :func:`work_forward`): a query issues
+``ceil(W/16)*17 + 2*(T-1)`` exponentials in the row pass (padding ``W`` to 48) and
+``ceil(H/16)*17 + 6`` in the column pass; each key is read ``ceil(W/BLOCK_M)`` times as a
+row key, ``ceil(H/BLOCK_M)`` times as a column key and once per other query frame as a
+time key.
 """
 from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 import triton.language as tl
 
@@ -26,49 +48,86 @@ from ._common import (
     online_softmax_vector,
     store_results,
 )
-from .launch import Problem, cdiv, require_plain, run
+from .launch import Problem, cdiv, check_grid, run
+from .work import Work
 
+# The first configuration is the interpreter's (and the one the issue-11 counts use): 16-wide
+# tiles pad W = 40 to 48 and H = 24 to 32, the least exponentials at the SST shapes. The
+# others are for the GPU: BLOCK_M >= 64 so that Hopper's wgmma applies.
 CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
-
-# At head dim 128 the column/time phases' [BLOCK_M, BLOCK_D] tiles spill with 8 warps on
-# sm_90a (python -m sst_triton.aot): keep 4 there.
-WIDE_MAX_WARPS = 4
+TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUSAL", "CAUSAL_AFF"]
 
 
 @triton.jit
-def grid_fwd(
-    Q, K, V, Labels, Out, Lse, Aff, Arg,
+def _time_keys(q, qx, y, t0, t1, t, k_base, v_base, lab_base, sk_t, sv_t, sk_h, sv_h, sk_w, sv_w, sk_d, sv_d,
+               m_valid, d_valid, H, W, D, scale_log2, m_i, l_i, acc, a_max, a_arg,
+               ELIGIBLE: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Time keys ``(tt, y, qx)`` for ``tt`` in ``[t0, t1)`` (never ``t``): one key per query.
+
+    ``ELIGIBLE``: these frames may carry affinity (earlier frames, or no causal affinity)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = m_valid[:, None] & d_valid[None, :]
+    rows_k = y.to(tl.int64) * sk_h + qx[:, None].to(tl.int64) * sk_w + offs_d[None, :].to(tl.int64) * sk_d
+    rows_v = y.to(tl.int64) * sv_h + qx[:, None].to(tl.int64) * sv_w + offs_d[None, :].to(tl.int64) * sv_d
+    for tt in range(t0, t1):
+        k = tl.load(k_base + rows_k + tl.cast(tt, tl.int64) * sk_t, mask=tile_mask, other=0.0)
+        v = tl.load(v_base + rows_v + tl.cast(tt, tl.int64) * sv_t, mask=tile_mask, other=0.0)
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
+        s = tl.where(m_valid, s, float("-inf"))
+        if NUM_OBJ > 0:
+            if ELIGIBLE:
+                key_index = (tt * H + y) * W + qx
+                key_labels = tl.load(lab_base + key_index, mask=m_valid, other=-1)
+                a_max, a_arg = object_max_vector(s, m_valid & (key_labels >= 0), key_labels, key_index, a_max,
+                                                 a_arg, BLOCK_O)
+        m_i, l_i, acc = online_softmax_vector(s, m_i, l_i, acc, v)
+    return m_i, l_i, acc, a_max, a_arg
+
+
+@triton.jit
+def grid_fwd_rows(
+    Q, K, V, Labels, Out, Lse, Aff, Arg, Part,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
-    N, T, H, W, D,
+    B, N, GROUP, T_Q, T, H, W, D,
     scale_log2,
     CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Q, K, V ``(B, N, T, H, W, D)`` with any strides; Labels int32 ``(B, T, H, W)``."""
+    """Row and time keys of ``BLOCK_M`` queries of one row; writes the partial state.
+
+    Q ``(B, N, T_Q, H, W, D)``, K, V ``(B, N // GROUP, T, H, W, D)``, any strides; Labels
+    int32 ``(B, T, H, W)``. Part float32 ``(B*N, S_q, D)``: normalised partial output;
+    Lse ``(B*N, S_q)``: its base-2 log-sum-exp; Aff/Arg ``(B*N, O, S_q)``: best base-2 logit
+    per object (``-inf``: none) and its absolute key index.
+    """
     blocks = tl.cdiv(W, BLOCK_M)
-    pid_x = tl.program_id(0) % blocks
-    row = tl.program_id(0) // blocks
-    pid_bn = tl.program_id(1)
-    t = row // H
+    pid = tl.program_id(0)
+    pid_x = pid % blocks
+    row = (pid // blocks) % (T_Q * H)
+    pid_bn = pid // (blocks * T_Q * H)
+    tq = row // H
     y = row % H
+    t = tq + (T - T_Q)
     b = (pid_bn // N).to(tl.int64)
     n = (pid_bn % N).to(tl.int64)
+    kv = n // GROUP
     S = T * H * W
+    S_q = T_Q * H * W
 
     qx = pid_x * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = qx < W
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     tile_mask = m_valid[:, None] & d_valid[None, :]
-    q_base = Q + b * sq_b + n * sq_n + t.to(tl.int64) * sq_t + y.to(tl.int64) * sq_h
+    q_base = Q + b * sq_b + n * sq_n + tq.to(tl.int64) * sq_t + y.to(tl.int64) * sq_h
     q = tl.load(q_base + qx[:, None].to(tl.int64) * sq_w + offs_d[None, :].to(tl.int64) * sq_d,
                 mask=tile_mask, other=0.0)
 
@@ -78,11 +137,11 @@ def grid_fwd(
     a_max = tl.full([BLOCK_M, BLOCK_O], float("-inf"), tl.float32)
     a_arg = tl.full([BLOCK_M, BLOCK_O], -1, tl.int32)
 
-    k_base = K + b * sk_b + n * sk_n
-    v_base = V + b * sv_b + n * sv_n
+    k_base = K + b * sk_b + kv * sk_n
+    v_base = V + b * sv_b + kv * sv_n
     lab_base = Labels + b * S
 
-    # row keys (t, y, x'): one dense block per BLOCK_N of them
+    # row keys (t, y, x'), the query itself included: one dense block per BLOCK_N of them
     k_row = k_base + t.to(tl.int64) * sk_t + y.to(tl.int64) * sk_h
     v_row = v_base + t.to(tl.int64) * sv_t + y.to(tl.int64) * sv_h
     for start in range(0, W, BLOCK_N):
@@ -102,70 +161,164 @@ def grid_fwd(
             a_max, a_arg = object_max_block(s, in_pattern, key_labels, row_start, a_max, a_arg, NUM_OBJ, BLOCK_O)
         m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION, INTERPRET_BF16)
 
-    # column keys (t, y', x), y' != y: one key per query per step
-    k_col = k_base + t.to(tl.int64) * sk_t + qx[:, None].to(tl.int64) * sk_w + offs_d[None, :].to(tl.int64) * sk_d
-    v_col = v_base + t.to(tl.int64) * sv_t + qx[:, None].to(tl.int64) * sv_w + offs_d[None, :].to(tl.int64) * sv_d
-    for yy in range(0, H):
-        # compared as a vector: the interpreter mistypes scalar-bool & block-bool
-        key_y = tl.zeros([BLOCK_M], tl.int32) + yy
-        valid = m_valid & (key_y != y)
-        k = tl.load(k_col + tl.cast(yy, tl.int64) * sk_h, mask=tile_mask & valid[:, None], other=0.0)
-        v = tl.load(v_col + tl.cast(yy, tl.int64) * sv_h, mask=tile_mask & valid[:, None], other=0.0)
-        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
-        s = tl.where(valid, s, float("-inf"))
+    # time keys (t', y, x): earlier frames, then (not causal) later ones; never t itself
+    m_i, l_i, acc, a_max, a_arg = _time_keys(
+        q, qx, y, 0, t, t, k_base, v_base, lab_base, sk_t, sv_t, sk_h, sv_h, sk_w, sv_w, sk_d, sv_d,
+        m_valid, d_valid, H, W, D, scale_log2, m_i, l_i, acc, a_max, a_arg, True, NUM_OBJ, BLOCK_O, BLOCK_D)
+    if not CAUSAL:
+        m_i, l_i, acc, a_max, a_arg = _time_keys(
+            q, qx, y, t + 1, T, t, k_base, v_base, lab_base, sk_t, sv_t, sk_h, sv_h, sk_w, sv_w, sk_d, sv_d,
+            m_valid, d_valid, H, W, D, scale_log2, m_i, l_i, acc, a_max, a_arg, not CAUSAL_AFF, NUM_OBJ,
+            BLOCK_O, BLOCK_D)
+
+    # partial state: every query sees itself in its row, so l_i > 0 where m_valid
+    l_safe = tl.where(m_valid, l_i, 1.0)
+    bn = pid_bn.to(tl.int64)
+    q_index = (row * W + qx).to(tl.int64)
+    cells = bn * S_q + q_index
+    tl.store(Part + cells[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=tile_mask)
+    tl.store(Lse + cells, m_i + tl.log2(l_safe), mask=m_valid)
+    if NUM_OBJ > 0:
+        objects = tl.arange(0, BLOCK_O)
+        aff_off = (bn * NUM_OBJ + objects[None, :].to(tl.int64)) * S_q + q_index[:, None]
+        obj_mask = m_valid[:, None] & (objects[None, :] < NUM_OBJ)
+        tl.store(Aff + aff_off, a_max, mask=obj_mask)
+        tl.store(Arg + aff_off, a_arg, mask=obj_mask)
+
+
+@triton.jit
+def grid_fwd_cols(
+    Q, K, V, Labels, Out, Lse, Aff, Arg, Part,
+    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
+    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
+    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
+    B, N, GROUP, T_Q, T, H, W, D,
+    scale_log2,
+    CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Column keys of ``BLOCK_M`` queries of one column, merged with the row pass's partial
+    state (arguments as in :func:`grid_fwd_rows`); writes Out ``(B*N, S_q, D)``, Lse
+    (natural log), Aff, Arg."""
+    blocks = tl.cdiv(H, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_y = pid % blocks
+    line = (pid // blocks) % (T_Q * W)
+    pid_bn = pid // (blocks * T_Q * W)
+    tq = line // W
+    x = line % W
+    t = tq + (T - T_Q)
+    b = (pid_bn // N).to(tl.int64)
+    n = (pid_bn % N).to(tl.int64)
+    kv = n // GROUP
+    S = T * H * W
+    S_q = T_Q * H * W
+
+    qy = pid_y * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = qy < H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    tile_mask = m_valid[:, None] & d_valid[None, :]
+    q_base = Q + b * sq_b + n * sq_n + tq.to(tl.int64) * sq_t + x.to(tl.int64) * sq_w
+    q = tl.load(q_base + qy[:, None].to(tl.int64) * sq_h + offs_d[None, :].to(tl.int64) * sq_d,
+                mask=tile_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    a_max = tl.full([BLOCK_M, BLOCK_O], float("-inf"), tl.float32)
+    a_arg = tl.full([BLOCK_M, BLOCK_O], -1, tl.int32)
+
+    # column keys (t, y', x), y' != y: one dense block per BLOCK_N of them
+    k_col = K + b * sk_b + kv * sk_n + t.to(tl.int64) * sk_t + x.to(tl.int64) * sk_w
+    v_col = V + b * sv_b + kv * sv_n + t.to(tl.int64) * sv_t + x.to(tl.int64) * sv_w
+    lab_col = Labels + b * S + t * H * W + x
+    for start in range(0, H, BLOCK_N):
+        ky = start + tl.arange(0, BLOCK_N)
+        n_valid = ky < H
+        kT = tl.load(k_col + ky[None, :].to(tl.int64) * sk_h + offs_d[:, None].to(tl.int64) * sk_d,
+                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        v = tl.load(v_col + ky[:, None].to(tl.int64) * sv_h + offs_d[None, :].to(tl.int64) * sv_d,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        s = dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PRECISION, INTERPRET_BF16) * scale_log2
+        in_pattern = m_valid[:, None] & n_valid[None, :] & (qy[:, None] != ky[None, :])
+        s = tl.where(in_pattern, s, float("-inf"))
         if NUM_OBJ > 0 and not CAUSAL_AFF:
-            key_index = (t * H + yy) * W + qx
-            key_labels = tl.load(lab_base + key_index, mask=valid, other=-1)
-            a_max, a_arg = object_max_vector(s, valid & (key_labels >= 0), key_labels, key_index, a_max, a_arg,
-                                             BLOCK_O)
-        m_i, l_i, acc = online_softmax_vector(s, m_i, l_i, acc, v)
+            key_labels = tl.load(lab_col + ky * W, mask=n_valid, other=-1)
+            # a_arg holds the key's row y' until the merge below
+            a_max, a_arg = object_max_block(s, in_pattern, key_labels, start, a_max, a_arg, NUM_OBJ, BLOCK_O)
+        m_i, l_i, acc = online_softmax_block(s, m_i, l_i, acc, v, DOT_PRECISION, INTERPRET_BF16)
 
-    # time keys (t', y, x), t' != t (t' < t when causal)
-    k_tube = k_base + y.to(tl.int64) * sk_h + qx[:, None].to(tl.int64) * sk_w + offs_d[None, :].to(tl.int64) * sk_d
-    v_tube = v_base + y.to(tl.int64) * sv_h + qx[:, None].to(tl.int64) * sv_w + offs_d[None, :].to(tl.int64) * sv_d
-    t_end = T
-    if CAUSAL:
-        t_end = t + 1
-    for tt in range(0, t_end):
-        key_t = tl.zeros([BLOCK_M], tl.int32) + tt
-        valid = m_valid & (key_t != t)
-        k = tl.load(k_tube + tl.cast(tt, tl.int64) * sk_t, mask=tile_mask & valid[:, None], other=0.0)
-        v = tl.load(v_tube + tl.cast(tt, tl.int64) * sv_t, mask=tile_mask & valid[:, None], other=0.0)
-        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
-        s = tl.where(valid, s, float("-inf"))
-        if NUM_OBJ > 0:
-            key_index = (tt * H + y) * W + qx
-            key_labels = tl.load(lab_base + key_index, mask=valid, other=-1)
-            eligible = valid & (key_labels >= 0)
-            if CAUSAL_AFF:
-                eligible = eligible & (key_t < t)
-            a_max, a_arg = object_max_vector(s, eligible, key_labels, key_index, a_max, a_arg, BLOCK_O)
-        m_i, l_i, acc = online_softmax_vector(s, m_i, l_i, acc, v)
-
-    query_index = (t * H + y) * W + qx
+    # merge the row pass: its state is (max = its lse, sum = 1, acc = its normalised output)
+    bn = pid_bn.to(tl.int64)
+    q_index = (tq * H + qy) * W + x
+    cells = bn * S_q + q_index.to(tl.int64)
+    part = tl.load(Part + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
+    lse_r = tl.load(Lse + cells, mask=m_valid, other=0.0)
+    m_new = tl.maximum(m_i, lse_r)
+    alpha = tl.exp2(m_i - m_new)  # m_i = -inf (H == 1): 0
+    beta = tl.exp2(lse_r - m_new)
+    l_i = l_i * alpha + beta
+    acc = acc * alpha[:, None] + part * beta[:, None]
+    if NUM_OBJ > 0:
+        objects = tl.arange(0, BLOCK_O)
+        aff_off = (bn * NUM_OBJ + objects[None, :].to(tl.int64)) * S_q + q_index[:, None].to(tl.int64)
+        obj_mask = m_valid[:, None] & (objects[None, :] < NUM_OBJ)
+        a_row = tl.load(Aff + aff_off, mask=obj_mask, other=float("-inf"))
+        arg_row = tl.load(Arg + aff_off, mask=obj_mask, other=-1)
+        col_wins = a_max > a_row
+        a_arg = tl.where(col_wins, (t * H + a_arg) * W + x, arg_row)
+        a_max = tl.maximum(a_max, a_row)
     store_results(
-        Out, Lse, Aff, Arg, b * N + n, S, D, query_index, m_valid, m_i, l_i, acc, a_max, a_arg,
+        Out, Lse, Aff, Arg, bn, S_q, D, q_index, m_valid, m_new, l_i, acc, a_max, a_arg,
         NUM_OBJ, BLOCK_D, BLOCK_O, INTERPRET_BF16,
     )
 
 
-grid_fwd_tuned = triton.autotune(
-    CONFIGS,
-    key=["N", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUSAL"],
-    prune_configs_by={"early_config_prune": config_pruner(WIDE_MAX_WARPS)},
-)(grid_fwd)
+_prune = {"early_config_prune": config_pruner()}
+grid_fwd_rows_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_rows)
+grid_fwd_cols_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_cols)
+# both passes share one configuration list and pruner: the module's representative
+grid_fwd_tuned = grid_fwd_rows_tuned
 
-AOT_SPECS = forward_aot_specs(
-    "grid_fwd", grid_fwd, CONFIGS, dict(), dict(CAUSAL=True, CAUSAL_AFF=False),
-    "causal, causal_affinity=False (objects in every phase)", WIDE_MAX_WARPS,
-)
+
+def _aot_specs():
+    specs = []
+    for name, kernel in (("grid_fwd_rows", grid_fwd_rows), ("grid_fwd_cols", grid_fwd_cols)):
+        for spec in forward_aot_specs(
+            name, kernel, CONFIGS, dict(B=1, GROUP=2, T_Q=4), dict(CAUSAL=True, CAUSAL_AFF=False),
+            "GQA group 2, causal, causal_affinity=False (objects in every phase)",
+        ):
+            spec.pointers["Part"] = "*fp32"
+            specs.append(spec)
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+
+
+def _partial(out: torch.Tensor) -> torch.Tensor:
+    """Where the row pass leaves its normalised output: ``out`` itself when it is float32."""
+    if out.dtype == torch.float32:
+        return out
+    return torch.empty(out.shape, dtype=torch.float32, device=out.device)
 
 
 def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
                    interpret: bool, config=None) -> None:
-    """Launch :func:`grid_fwd` for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
-    require_plain(p, "grid")
-    grid = lambda m: (cdiv(p.W, m["BLOCK_M"]) * p.T * p.H, p.B * p.N)  # noqa: E731
-    args = (*pointers, *strides, p.N, p.T, p.H, p.W, p.D, scale_log2)
-    run(sys.modules[__name__], "grid_fwd", grid, args, meta, interpret=interpret, configs=CONFIGS,
-        config=config, sizes=f"T*H={p.T * p.H}, B*N={p.B * p.N}")
+    """Launch :func:`grid_fwd_rows` then :func:`grid_fwd_cols` for problem ``p`` (see
+    :func:`sst_triton.kernels.launch.run`)."""
+    q, k, v, lab, out, lse, aff, arg = pointers
+    part = _partial(out)
+    args = (q, k, v, lab, out, lse, aff, arg, part, *strides,
+            p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, scale_log2)
+    module = sys.modules[__name__]
+    sizes = f"T_q*H={p.T_q * p.H}, T_q*W={p.T_q * p.W}, B*N={p.B * p.N}"
+    grid_rows = lambda m: (cdiv(p.W, m["BLOCK_M"]) * p.T_q * p.H * p.B * p.N,)  # noqa: E731
+    grid_cols = lambda m: (cdiv(p.H, m["BLOCK_M"]) * p.T_q * p.W * p.B * p.N,)  # noqa: E731
+    # both grids are checked before either kernel runs
+    for c in [config] if config is not None else CONFIGS:
+        check_grid("grid_fwd_cols", grid_cols({**meta, **c.kwargs}), sizes)
+    for name, grid in (("grid_fwd_rows", grid_rows), ("grid_fwd_cols", grid_cols)):
+        run(module, name, grid, args, meta, interpret=interpret, configs=CONFIGS, config=config, sizes=sizes)
