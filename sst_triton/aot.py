@@ -18,6 +18,9 @@ change to a kernel.
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -33,6 +36,14 @@ ARCHS = (80, 90)
 TENSOR_CORE_PTX = (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync"))
 
 
+# per SM: registers, and shared memory by arch (H100/H200: 228 KB, A100: 164 KB)
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+MAX_REGISTERS_AT_8_WARPS = 168
+AOT_HEAD_DIMS = (32, 64, 128)
+OPTION_FLAGS = ("CAUSAL", "CAUSAL_AFF", "SHIFT")
+
+
 @dataclass
 class Row:
     kernel: str
@@ -45,6 +56,29 @@ class Row:
     tensor_cores: str = "-"
     seconds: float = 0.0
     error: str = ""
+    num_warps: int = 4
+    cached: bool = False
+
+    @property
+    def ctas_per_sm(self) -> Optional[int]:
+        """CTAs per SM that registers and shared memory allow."""
+        if self.registers is None:
+            return None
+        by_regs = REGISTERS_PER_SM // max(1, self.registers * self.num_warps * 32)
+        arch = 90 if self.arch.startswith("sm_9") else 80
+        by_smem = SHARED_PER_SM[arch] // self.shared_bytes if self.shared_bytes else by_regs
+        return min(by_regs, by_smem)
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        if self.registers is not None and self.num_warps >= 8 and self.registers > MAX_REGISTERS_AT_8_WARPS:
+            out.append(f"{self.registers} registers at {self.num_warps} warps (> {MAX_REGISTERS_AT_8_WARPS})")
+        if self.arch == "sm_90a" and self.dots and "wgmma" not in self.tensor_cores and self.tensor_cores != "-":
+            out.append("sm_90a products on mma.sync, not wgmma")
+        if self.ctas_per_sm == 0:
+            out.append("does not fit an SM")
+        return out
 
     @property
     def problems(self) -> list[str]:
@@ -85,12 +119,177 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
-def compile_one(spec_index: int, config_index: int, arch: int) -> Row:
-    """Compile configuration ``config_index`` of registered spec ``spec_index`` (a worker task)."""
+# ---------------------------------------------------------------------------------------
+# Coverage: every kernel at every head dim, in two option sets
+# ---------------------------------------------------------------------------------------
+
+
+def registered_specs() -> list:
+    """Every spec the kernel modules register, flattened (a module may nest lists)."""
     from .kernels import aot_specs
 
-    spec = aot_specs()[spec_index]
-    return compile_spec(spec, spec.configs[config_index], arch)
+    out = []
+
+    def add(item):
+        if isinstance(item, (list, tuple)):
+            for x in item:
+                add(x)
+        else:
+            out.append(item)
+
+    add(aot_specs())
+    return out
+
+
+def _head_dim(spec) -> int:
+    return int(spec.constexprs.get("BLOCK_D", spec.scalars.get("D", 64)))
+
+
+def _base_name(spec) -> str:
+    return re.sub(r"\[d\d+\]|/flip$", "", spec.name)
+
+
+def _allowed_configs(spec, block_d: int) -> list:
+    """The configurations the kernel's autotuner keeps at ``block_d`` (its pruner, if any);
+    the spec's own list when the kernel has no autotuner next to it."""
+    import sys as _sys
+
+    module = _sys.modules.get(spec.kernel.fn.__module__)
+    tuned = getattr(module, spec.kernel.fn.__name__ + "_tuned", None)
+    configs = list(getattr(tuned, "configs", None) or spec.configs)
+    prune = getattr(tuned, "early_config_prune", None)
+    if prune is not None:
+        try:
+            return list(prune(configs, {}, BLOCK_D=block_d))
+        except Exception:
+            return list(spec.configs)
+    return configs
+
+
+def _at_head_dim(spec, d: int):
+    """``spec`` cloned at head dim ``d`` (strides scale with ``D``)."""
+    old = _head_dim(spec)
+    clone = copy.copy(spec)
+    clone.scalars = dict(spec.scalars)
+    for key, value in spec.scalars.items():
+        if re.fullmatch(r"s[a-z]+_[bnthw]", key) and isinstance(value, int):
+            clone.scalars[key] = value // old * d
+    if "D" in clone.scalars:
+        clone.scalars["D"] = d
+    clone.constexprs = {**spec.constexprs, "BLOCK_D": d}
+    clone.configs = _allowed_configs(spec, d)
+    clone.name = f"{_base_name(spec)}[d{d}]"
+    clone.note = re.sub(r"\b(\d+), (\d+), (\d+), (\d+), (\d+), \d+\)", rf"\1, \2, \3, \4, \5, {d})", spec.note)
+    return clone
+
+
+def _flipped(spec):
+    """``spec`` with every option flag negated, no objects, the other GROUP and T_Q."""
+    clone = copy.copy(spec)
+    clone.constexprs = dict(spec.constexprs)
+    clone.scalars = dict(spec.scalars)
+    changes = []
+    for flag in OPTION_FLAGS:
+        if flag in clone.constexprs:
+            clone.constexprs[flag] = not clone.constexprs[flag]
+            changes.append(f"{flag}={clone.constexprs[flag]}")
+    if clone.constexprs.get("NUM_OBJ"):
+        clone.constexprs["NUM_OBJ"] = 0
+        changes.append("no objects")
+    if "GROUP" in clone.scalars:
+        clone.scalars["GROUP"] = 2 if clone.scalars["GROUP"] == 1 else 1
+        changes.append(f"GROUP={clone.scalars['GROUP']}")
+    if "T_Q" in clone.scalars and "T" in clone.scalars:
+        clone.scalars["T_Q"] = 1 if clone.scalars["T_Q"] == clone.scalars["T"] else clone.scalars["T"]
+        changes.append(f"T_Q={clone.scalars['T_Q']}")
+    if not changes:
+        return None
+    clone.name = spec.name + "/flip"
+    clone.note = f"{spec.note}; flipped: {', '.join(changes)}"
+    return clone
+
+
+def coverage_specs() -> list:
+    """The registered specs, completed to :data:`AOT_HEAD_DIMS` per kernel, each with its
+    flipped option set (see the module docstring). Deterministic order."""
+    specs = registered_specs()
+    by_kernel: dict[str, list] = {}
+    for spec in specs:
+        by_kernel.setdefault(_base_name(spec), []).append(spec)
+    out = []
+    for name, given in by_kernel.items():
+        dims = {_head_dim(s) for s in given}
+        complete = list(given)
+        for d in AOT_HEAD_DIMS:
+            if d not in dims:
+                nearest = min(given, key=lambda s: abs(_head_dim(s) - d))
+                complete.append(_at_head_dim(nearest, d))
+        complete.sort(key=_head_dim)
+        for spec in complete:
+            out.append(spec)
+            flipped = _flipped(spec)
+            if flipped is not None:
+                out.append(flipped)
+    return out
+
+
+def compile_one(spec_index: int, config_index: int, arch: int, use_cache: bool = True) -> Row:
+    """Compile configuration ``config_index`` of coverage spec ``spec_index`` (a worker task)."""
+    spec = coverage_specs()[spec_index]
+    config = spec.configs[config_index]
+    key = _cache_key(spec, config, arch) if use_cache else None
+    if key is not None:
+        row = _cache_load(key, spec.name)
+        if row is not None:
+            return row
+    row = compile_spec(spec, config, arch)
+    if key is not None and not row.error:
+        _cache_store(key, row)
+    return row
+
+
+def _cache_dir() -> str:
+    return os.environ.get("SST_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sst_triton", "aot")
+
+
+def _cache_key(spec, config, arch: int) -> Optional[str]:
+    try:
+        import triton
+
+        signature, constexprs, attrs = spec.compile_args(config)
+        text = json.dumps([
+            spec.kernel.cache_key, signature, {k: repr(v) for k, v in sorted(constexprs.items())},
+            sorted((repr(k), repr(v)) for k, v in attrs.items()), _config_text(config), config.num_warps,
+            config.num_stages, arch, triton.__version__, os.environ.get("TRITON_DEFAULT_FP_FUSION", ""),
+        ], sort_keys=True, default=repr)
+    except Exception:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cache_load(key: str, name: str) -> Optional[Row]:
+    try:
+        with open(os.path.join(_cache_dir(), key + ".json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    data.update(kernel=name, cached=True)
+    try:
+        return Row(**data)
+    except TypeError:
+        return None
+
+
+def _cache_store(key: str, row: Row) -> None:
+    try:
+        os.makedirs(_cache_dir(), exist_ok=True)
+        data = {f: getattr(row, f) for f in Row.__dataclass_fields__ if f != "cached"}
+        tmp = os.path.join(_cache_dir(), f".{key}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, os.path.join(_cache_dir(), key + ".json"))
+    except OSError:
+        pass
 
 
 def compile_spec(spec, config, arch: int) -> Row:
@@ -99,7 +298,7 @@ def compile_spec(spec, config, arch: int) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    row = Row(spec.name, _config_text(config), f"sm_{arch}" + ("a" if arch >= 90 else ""))
+    row = Row(spec.name, _config_text(config), f"sm_{arch}" + ("a" if arch >= 90 else ""), num_warps=config.num_warps)
     start = time.perf_counter()
     try:
         signature, constexprs, attrs = spec.compile_args(config)
@@ -118,20 +317,19 @@ def compile_spec(spec, config, arch: int) -> Row:
     return row
 
 
-def run(archs: Sequence[int] = ARCHS, jobs: Optional[int] = None, only: Sequence[str] = ()) -> list[Row]:
-    """Compile every registered kernel configuration for every arch (``jobs`` processes);
+def run(archs: Sequence[int] = ARCHS, jobs: Optional[int] = None, only: Sequence[str] = (),
+        use_cache: bool = True) -> list[Row]:
+    """Compile every coverage configuration for every arch (``jobs`` processes);
     ``only``: substrings of the kernel names to keep (all when empty)."""
-    from .kernels import aot_specs
-
     tasks = [
-        (s, c, arch)
-        for s, spec in enumerate(aot_specs())
+        (s, c, arch, use_cache)
+        for s, spec in enumerate(coverage_specs())
         if not only or any(part in spec.name for part in only)
         for c in range(len(spec.configs))
         for arch in archs
     ]
     jobs = jobs or min(len(tasks), os.cpu_count() or 1)
-    if jobs <= 1:
+    if jobs <= 1 or not tasks:
         return [compile_one(*task) for task in tasks]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(compile_one, *task) for task in tasks]
@@ -139,21 +337,42 @@ def run(archs: Sequence[int] = ARCHS, jobs: Optional[int] = None, only: Sequence
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    header = ("kernel", "config", "arch", "regs", "spill B", "smem B", "dots", "tensor cores", "s", "status")
+    header = ("kernel", "config", "arch", "regs", "regs x thr", "CTA/SM", "spill B", "smem B", "dots",
+              "tensor cores", "s", "status")
     lines = [header]
     for r in rows:
         lines.append((
             r.kernel, r.config, r.arch,
             "-" if r.registers is None else str(r.registers),
+            "-" if r.registers is None else f"{r.registers}x{32 * r.num_warps}",
+            "-" if r.ctas_per_sm is None else str(r.ctas_per_sm),
             "-" if r.spill_bytes is None else str(r.spill_bytes),
             "-" if r.shared_bytes is None else str(r.shared_bytes),
-            str(r.dots), r.tensor_cores, f"{r.seconds:.1f}",
+            str(r.dots), r.tensor_cores, "cached" if r.cached else f"{r.seconds:.1f}",
             "; ".join(r.problems) or "ok",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text)
+
+
+def summary(rows: Sequence[Row], seconds: float) -> str:
+    """Counts of compiles, spills, failures and warnings, with each warning spelled out."""
+    spills = [r for r in rows if r.spill_bytes]
+    failed = [r for r in rows if r.error]
+    warned = [r for r in rows if r.warnings]
+    dims = sorted({int(m) for r in rows for m in re.findall(r"\[d(\d+)\]", r.kernel)})
+    hopper = [r for r in rows if r.arch == "sm_90a" and r.dots]
+    lines = [f"WARN {r.kernel} [{r.config}] {r.arch}: {'; '.join(r.warnings)}" for r in warned]
+    lines.append(
+        f"{len(rows)} compiles ({sum(r.cached for r in rows)} cached) in {seconds:.1f} s, head dims {dims}: "
+        f"{len(spills)} spilling, {len(failed)} failed, {len(warned)} with warnings; sm_90a: "
+        f"{sum('wgmma' in r.tensor_cores for r in hopper)} wgmma, "
+        f"{sum('wgmma' not in r.tensor_cores and r.tensor_cores != '-' for r in hopper)} mma.sync only; "
+        f"{len([r for r in rows if r.problems])} with problems"
+    )
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -165,21 +384,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per core)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="compile only kernels whose name contains NAME (repeatable)")
+    parser.add_argument("--no-cache", action="store_true", help="recompile everything (ignore $SST_AOT_CACHE)")
     args = parser.parse_args(argv)
     # Triton 3.9 warns once per process when FP fusion is left to its default; fusion is
     # what the JIT uses today, so say so (workers inherit it)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     start = time.perf_counter()
-    rows = run(tuple(args.arch or ARCHS), args.jobs, args.only)
+    rows = run(tuple(args.arch or ARCHS), args.jobs, args.only, use_cache=not args.no_cache)
     print(format_table(rows))
     bad = [r for r in rows if r.problems]
-    from .kernels import aot_specs
-
-    for spec in aot_specs():
+    for spec in coverage_specs():
         if spec.note and (not args.only or any(part in spec.name for part in args.only)):
             print(f"{spec.name}: {spec.note}")
-    print(f"{len(rows)} compiles in {time.perf_counter() - start:.1f} s, {len(bad)} with problems")
+    print(summary(rows, time.perf_counter() - start))
     if args.check and bad:
         for r in bad:
             print(f"FAIL {r.kernel} [{r.config}] {r.arch}: {'; '.join(r.problems)}", file=sys.stderr)
