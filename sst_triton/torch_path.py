@@ -166,10 +166,11 @@ def _local_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple
                 q_tile = tt * ty * tx
                 halo = math.prod(min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
                 n_tiles = math.prod(-(-L // t) for t, L in zip(tiles, q_sizes))
-                padded = n_tiles * q_tile * group
-                # measured on 2 cores (T=4, 64x64, k=7, D=32): attention work ~ padded queries * halo,
-                # the halo gather ~ halo / tile, and a fixed price per tile (small matmuls)
-                cost = padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
+                padded = n_tiles * q_tile
+                # measured on 2 cores (T=4, 64x64, k=7, D=32): attention work ~ padded queries * halo
+                # (times the query heads sharing the keys), the halo gather ~ halo / tile (once per
+                # key/value head), and a fixed price per tile (small matmuls)
+                cost = group * padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
                 if group * q_tile * halo > PAIRS_PER_CHUNK:
                     continue
                 if cost < best_cost:
