@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models import checkpoint as ckpt
-from models.datasets import (
+from vos import checkpoint as ckpt
+from vos.files import save_json
+from vos.datasets import (
     ClipSampler,
     SyntheticClips,
     detect_layout,
@@ -22,9 +23,9 @@ from models.datasets import (
     select_objects,
     youtube_vos,
 )
-from models.losses import bootstrap_ratio, bootstrapped_cross_entropy, soft_iou_loss, vos_loss
-from models.mask_io import davis_palette
-from models.synthetic import render_video, train_video_id, val_video_id, validation_videos
+from vos.losses import bootstrap_ratio, bootstrapped_cross_entropy, soft_iou_loss, vos_loss
+from vos.masks import davis_palette
+from vos.synthetic import render_video, train_video_id, val_video_id, validation_videos
 
 DAVIS_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis-sample"
 
@@ -299,5 +300,5 @@ def test_checkpoint_roundtrip_and_atomic_failure(tmp_path, monkeypatch):
         ckpt.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         ckpt.load_checkpoint(tmp_path / "missing.pt")
-    ckpt.save_json(tmp_path / "m.json", {"J&F": 0.5})
+    save_json(tmp_path / "m.json", {"J&F": 0.5})
     assert json.loads((tmp_path / "m.json").read_text()) == {"J&F": 0.5}

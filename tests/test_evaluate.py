@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import evaluate
-from models.davis_metrics import evaluate_sequences
-from models.mask_io import read_mask, write_mask
+from vos.metrics import evaluate_sequences
+from vos.masks import read_mask, write_mask
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis-sample"
 K = 8  # side of the test squares
@@ -236,13 +236,18 @@ def test_command_line_mistakes(tmp_path, capsys):
 def test_checkpoint_through_the_propagator(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from models import SST
-    from models.checkpoint import save_checkpoint
-    from models.synthetic import validation_videos
+    from vos.checkpoint import save_checkpoint
+    from vos.synthetic import validation_videos
 
-    model = SST(dim=16, depth=1, heads=2, decoder_dim=8, backbone_width=8, attn="local")
-    config = {"model": model.config, "tau": 2, "data": {"crop": 32, "max_objects": 2, "texture_dir": None},
-              "eval": {"videos": 1, "frames": 4}}
-    save_checkpoint(tmp_path / "run" / "ckpt.pt", {"model": model.state_dict(), "config": config})
+    from dataclasses import asdict
+
+    from vos.config import DataConfig, EvalConfig, ModelConfig, RunConfig
+
+    config = RunConfig(model=ModelConfig(dim=16, depth=1, heads=2, decoder_dim=8, backbone_width=8, attn="local", tau=2,
+                                         backbone="small", backbone_stride=4, label_prior=False),
+                       data=DataConfig(crop=32, max_objects=2), eval=EvalConfig(val_videos=1, val_frames=4))
+    model = SST(**asdict(config.model))
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", {"model": model.state_dict(), "config": config.to_dict()})
     out = tmp_path / "eval"
     rc, stdout, _ = run(["--checkpoint", tmp_path / "run" / "ckpt.pt", "--data", "synthetic", "--out", out,
                          "--device", "cpu"], capsys)
@@ -275,8 +280,8 @@ def test_checkpoint_through_the_propagator(tmp_path, capsys):
 
 
 def test_overlay_and_gif(tmp_path):
-    from models.mask_io import davis_palette
-    from models.visualize import overlay, save_gif
+    from vos.masks import davis_palette
+    from vos.visualize import overlay, save_gif
 
     palette = np.asarray(davis_palette()).reshape(256, 3)
     image = np.full((20, 30, 3), 100, np.uint8)

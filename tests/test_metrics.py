@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
-from models.davis_metrics import (
+from vos.metrics import (
     boundary_radius,
     db_statistics,
     dilate_disk,

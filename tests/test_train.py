@@ -14,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import train
-from models.checkpoint import load_checkpoint, load_model
-from models.datasets import SyntheticClips
+from vos.checkpoint import load_checkpoint, load_model
+from vos.config import RunConfig
+from vos.datasets import SyntheticClips
+from vos.training import make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 # a model small enough that a step takes milliseconds; the pipeline is what is tested
 TINY = [
-    "--dim", "16", "--layers", "1", "--heads", "2",
-    "--model-arg", "backbone_width=8", "--model-arg", "decoder_dim=8",
+    "--dim", "16", "--depth", "1", "--heads", "2", "--stride", "1", "3", "3",
+    "--backbone", "small", "--backbone-stride", "4", "--no-label-prior", "--backbone-width", "8", "--decoder-dim", "8",
     "--crop", "32", "--frames", "3", "--tau", "2", "--batch-size", "2",
     "--val-videos", "2", "--val-frames", "5", "--overlays", "1", "--threads", "1",
 ]
@@ -50,14 +53,31 @@ def test_short_run_writes_config_checkpoint_metrics_and_overlays(tmp_path):
     state = load_checkpoint(out / "ckpt.pt")
     assert state["step"] == 3 and state["config"] == config
     model, cfg = load_model(out / "ckpt.pt")
-    assert cfg == config and not model.training
+    assert isinstance(cfg, RunConfig) and cfg.to_dict() == config and cfg.model.stride == (1, 3, 3)
+    assert not model.training
     assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
     metrics = json.loads((out / "metrics.json").read_text())
     for entry in (metrics, metrics["baseline"]):
         assert set(entry) >= {"J&F", "J", "F"}
         assert 0 <= entry["J"] <= 1 and 0 <= entry["F"] <= 1
         assert entry["J&F"] == pytest.approx((entry["J"] + entry["F"]) / 2)
-    assert len(list((out / "overlays").glob("*.png"))) == 1
+    assert len(list((out / "validation" / "overlays").glob("*.gif"))) == 1
+
+
+def test_evaluate_synthetic_reproduces_the_runs_validation_exactly(tmp_path, capsys):
+    """One pipeline: evaluate.py --data synthetic on a run's checkpoint gives metrics.json's J&F."""
+    out = tmp_path / "run"
+    train.main(["--attn", "strided", "--steps", "2", "--out", str(out), *TINY])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert evaluate.main(["--checkpoint", str(out / "ckpt.pt"), "--data", "synthetic", "--out", str(tmp_path / "ev"),
+                          "--no-overlays", "--no-progress"]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())["global"]
+    assert results["J&F-Mean"] == metrics["J&F"] and results["J-Mean"] == metrics["J"]
+    assert evaluate.main(["--baseline", "copy", "--data", "synthetic", "--out", str(tmp_path / "copy"), "--no-overlays",
+                          "--no-progress", "--synthetic-videos", "2", "--synthetic-frames", "5",
+                          "--synthetic-size", "32"]) == 0
+    copy = json.loads((tmp_path / "copy" / "results.json").read_text())["global"]
+    assert copy["J&F-Mean"] == metrics["baseline"]["J&F"]
     # the copy baseline is scored on the same videos, and it is the truth on frame 0 only
     assert metrics["baseline"]["J&F"] < 1
     # a finished run directory is never overwritten by accident
@@ -79,10 +99,10 @@ def test_bad_arguments_are_refused_before_work(tmp_path):
 
 def test_data_order_is_a_function_of_seed_step_and_rank():
     source = SyntheticClips(3, 32)
-    a = train.make_batch(source, 2, 3, 3, seed=0, step=5, rank=0)
-    b = train.make_batch(source, 2, 3, 3, seed=0, step=5, rank=0)
-    other_rank = train.make_batch(source, 2, 3, 3, seed=0, step=5, rank=1)
-    other_step = train.make_batch(source, 2, 3, 3, seed=0, step=6, rank=0)
+    a = make_batch(source, 2, 3, 3, seed=0, step=5, rank=0)
+    b = make_batch(source, 2, 3, 3, seed=0, step=5, rank=0)
+    other_rank = make_batch(source, 2, 3, 3, seed=0, step=5, rank=1)
+    other_step = make_batch(source, 2, 3, 3, seed=0, step=6, rank=0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], other_rank[0]) and not torch.equal(a[0], other_step[0])
     video, labels, counts, valid = a
@@ -157,7 +177,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 def test_trains_on_a_dataset_folder(tmp_path):
     from PIL import Image
 
-    from models.mask_io import write_mask
+    from vos.masks import write_mask
 
     rng = np.random.default_rng(0)
     for seq in ("s1", "s2"):
