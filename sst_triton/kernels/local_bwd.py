@@ -1,48 +1,117 @@
-"""Local (cube) attention backward.
+"""Local (cube) attention backward, on the forward's 3-D boxes (see :mod:`.local_fwd`).
 
-``local_bwd_dq``: a tile of ``BLOCK_M`` consecutive cells of one frame's ``H*W`` plane (so
-the whole tile shares its key frames) walks, for each key frame of its window, the
-contiguous range of plane cells covering the union of its queries' windows, ``BLOCK_N`` at a
-time with ``tl.dot``; each query's own window is a mask.
+``local_bwd_dq``: the forward's program, recomputing ``P``: a ``TILE_T x TILE_H x TILE_W``
+box of query positions of one dilation residue walks the halo of its windows (a box),
+flattened, ``BLOCK_N`` keys a step, and accumulates ``dQ``.
 
-``local_bwd_dkdv``: a tile of ``BLOCK_N`` plane cells of one key frame walks the queries
-whose window holds them (the inverse pattern). Clipped windows are symmetric (queries at
-most ``k//2`` away), NATTEN's shifted ones are not (a border key is in the window of queries
-up to ``k - 1`` away) and causal keeps query frames ``>=`` the key frame, so the loop covers
-a conservative range (``k//2`` or ``k - 1`` per axis) and the exact forward window of each
-query is the mask: the pattern is never inverted by hand.
+``local_bwd_dkdv``: the inverse. A box of key positions (``BLOCK_N`` keys) of one residue and
+one key/value head walks the query positions whose windows hold some of its keys. Along an
+axis a window ``[lo(i), hi(i))`` has both ends monotone in ``i`` (clip and shift), so those
+queries are again an interval per axis, :func:`~.local_fwd.inverse_window` (exact: a
+shifted window reaches up to ``k - 1`` cells away at a border, a clipped one ``k // 2``),
+cut to the query frames (positions of absolute frame ``>= T - T_Q``) and, when causal, to
+query positions ``>=`` the box's first key position: a box of queries, walked flattened
+``BLOCK_M`` at a time; each query's exact forward window is the mask. The program loops
+over the ``GROUP`` query heads that share its key/value head (GQA), summing in registers:
+deterministic, no atomics.
 
-Grid: ``(cdiv(H*W, BLOCK), T, B * N)``.
+Both kernels take a half step for a last remainder of at most half a block (fewer padded
+softmax elements). Grids: ``(boxes * dt*dh*dw * B*N,)`` and ``(boxes * dt*dh*dw * B*N_kv,)``.
 """
 from __future__ import annotations
 
+import math
 import sys
 
+import numpy as np
 import triton
 import triton.language as tl
 
-from .common_bwd import (
-    aot_spec,
-    dkdv_block,
-    dq_block,
-    load_cells,
-    object_grad,
-    store_cells,
-    window,
+from ._common import block_d
+from .common_bwd import aot_spec, dkdv_block, dq_block, load_cells, object_grad, store_cells
+from .launch import Problem, cdiv, run
+from .local_fwd import (
+    box_positions, box_walks, boxes, halo_cells, halo_split, inverse_window, residue_program, steps, tile_of, window,
 )
-from .launch import Problem, cdiv, require_plain, run
+from .work import Work
 
-# Larger tiles spill at D=64 (see ``python -m sst_triton.aot``): the query pass may widen
-# its query tile, the key pass its key tile. The first config is the interpreter's.
+# dQ: TILE_* the query box, BLOCK_M its size, BLOCK_N keys a step. dK/dV: TILE_* the key
+# box, BLOCK_N its size, BLOCK_M queries a step. The first config is the interpreter's.
 CONFIGS_DQ = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
 ]
 CONFIGS_DKDV = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=2),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=3),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=2),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=3),
 ]
-TUNE_KEY = ["T", "H", "W", "D", "KT", "KH", "KW"]
+TUNE_KEY = ["N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
+            "SHIFT"]
+
+# fp32 accumulator elements per thread a config may hold at a head dim (dq: BLOCK_M x D;
+# dk and dv: 2 x BLOCK_N x D) besides its operand tiles; checked by ``python -m sst_triton.aot``
+MAX_ACC_PER_THREAD = 32
+
+
+def _accumulators(config, part: str) -> int:
+    kw = config.kwargs
+    return kw["BLOCK_M"] if part == "dq" else 2 * kw["BLOCK_N"]
+
+
+def configs_for(configs: list, bd: int, part: str) -> list:
+    """The configs that keep their accumulators within budget at padded head dim ``bd``
+    (the smallest one when none does: head dims past 128 are correct, not spill-checked)."""
+    kept = [c for c in configs if _accumulators(c, part) * bd <= MAX_ACC_PER_THREAD * 32 * c.num_warps]
+    return kept or [min(configs, key=lambda c: _accumulators(c, part) * bd / c.num_warps)]
+
+
+def _pruner(part: str):
+    def prune(configs, named_args, **kwargs):
+        return configs_for(list(configs), kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), part)
+
+    return prune
+
+
+@triton.jit
+def dq_step(
+    start, walk, q, do, lse, delta, args, gs, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi, dq,
+    k_base, v_base, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
+    t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale,
+    NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Halo keys ``start .. start + BLOCK_N - 1`` (those ``< walk``) into ``dQ / scale`` of
+    the ``BLOCK_M`` queries. ``args``/``gs``: ``[BLOCK_M, BLOCK_O]`` argmax key and affinity
+    gradient of each query, loaded once per program."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < walk
+    kpt, kpy, kpx, kt, ky, kx = halo_cells(offs_n, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW)
+    k = load_cells(k_base, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
+    v = load_cells(v_base, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+    in_pattern = (
+        m_valid[:, None] & n_valid[None, :]
+        & (kpt[None, :] >= wt_lo[:, None]) & (kpt[None, :] < wt_hi[:, None])
+        & (kpy[None, :] >= wy_lo[:, None]) & (kpy[None, :] < wy_hi[:, None])
+        & (kpx[None, :] >= wx_lo[:, None]) & (kpx[None, :] < wx_hi[:, None])
+    )
+    if NUM_OBJ > 0:
+        # sum_o g_o[p] [j == argmax_o(p)], from the program's own copy of Arg and G
+        key_index = (kt * H + ky) * W + kx
+        objects = tl.arange(0, BLOCK_O)
+        obj = tl.zeros([BLOCK_M, BLOCK_N], gs.dtype)
+        for o in tl.static_range(NUM_OBJ):
+            arg_o = tl.sum(tl.where(objects[None, :] == o, args, 0), axis=1)
+            g_o = tl.sum(tl.where(objects[None, :] == o, gs, 0.0), axis=1)
+            obj += tl.where(arg_o[:, None] == key_index[None, :], g_o[:, None], 0.0)
+    else:
+        obj = 0.0
+    return dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
 
 
 @triton.jit
@@ -52,66 +121,122 @@ def local_bwd_dq(
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
     sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    N, T, H, W, D, KT, KH, KW,
+    N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
     scale,
-    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SHIFT: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """``dQ`` of ``BLOCK_M`` plane cells of frame ``program_id(1)``. Q, K, V, DO
-    ``(B, N, T, H, W, D)`` any strides; Lse, Delta ``(B*N, S)``; Arg, G ``(B*N, O, S)``;
-    DQ contiguous ``(B*N, S, D)``; ``KT, KH, KW`` the kernel size."""
-    pid_m = tl.program_id(0)
-    t = tl.program_id(1)
-    pid_bn = tl.program_id(2)
-    b = (pid_bn // N).to(tl.int64)
-    n = (pid_bn % N).to(tl.int64)
-    bn = pid_bn.to(tl.int64)
-    HW = H * W
-    S = T * HW
+    """``dQ`` of one box of queries. Q, DO ``(B, N, T_Q, H, W, D)``, K, V
+    ``(B, N // GROUP, T, H, W, D)``, any strides; Lse, Delta ``(B*N, T_Q*H*W)``; Arg, G
+    ``(B*N, O, T_Q*H*W)`` (Arg: absolute key index); DQ contiguous ``(B*N, T_Q*H*W, D)``."""
+    tl.static_assert(BLOCK_M == TILE_T * TILE_H * TILE_W)
+    t_off = T - T_Q
+    S_Q = T_Q * H * W
+    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
+    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
+    n_box = tl.cdiv(tl.cdiv(T_Q, DT), TILE_T) * tiles_h * tiles_w
+    box, rt, ry, rx, bn = residue_program(tl.program_id(0), n_box, DT, DH, DW)
+    LT = (T - rt + DT - 1) // DT
+    LH = (H - ry + DH - 1) // DH
+    LW = (W - rx + DW - 1) // DW
+    first_t = (t_off - rt + DT - 1) // DT
+    qpt, qpy, qpx, m_valid, t0, y0, x0, t1, y1, x1 = box_positions(
+        box, first_t, LT, LH, LW, tiles_h, tiles_w, TILE_T, TILE_H, TILE_W)
+    qt = rt + qpt * DT
+    qy = ry + qpy * DH
+    qx = rx + qpx * DW
+    b = (bn // N).to(tl.int64)
+    n = (bn % N).to(tl.int64)
+    kv = n // GROUP
+    bn = bn.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < HW
-    qy = offs_m // W
-    qx = offs_m % W
-    ylo, yhi = window(qy, H, KH, SHIFT)
-    xlo, xhi = window(qx, W, KW, SHIFT)
-    tlo, thi = window(t, T, KT, SHIFT)
+    wt_lo, wt_hi = window(qpt, LT, KT, SHIFT)
+    wy_lo, wy_hi = window(qpy, LH, KH, SHIFT)
+    wx_lo, wx_hi = window(qpx, LW, KW, SHIFT)
     if CAUSAL:
-        thi = tl.minimum(thi, t + 1)
-    # plane cells between the first and the last key of any query of the tile
-    start = tl.min(tl.where(m_valid, ylo * W + xlo, HW), axis=0)
-    end = tl.max(tl.where(m_valid, (yhi - 1) * W + xhi, 0), axis=0)
+        wt_hi = tl.minimum(wt_hi, qpt + 1)
+    t_lo, _ = window(t0, LT, KT, SHIFT)
+    _, t_hi = window(t1, LT, KT, SHIFT)
+    if CAUSAL:
+        t_hi = tl.minimum(t_hi, t1 + 1)
+    y_lo, _ = window(y0, LH, KH, SHIFT)
+    _, y_hi = window(y1, LH, KH, SHIFT)
+    x_lo, _ = window(x0, LW, KW, SHIFT)
+    _, x_hi = window(x1, LW, KW, SHIFT)
+    empty = (t1 < t0) | (y1 < y0) | (x1 < x0)
+    ny = tl.maximum(y_hi - y_lo, 1)
+    nx = tl.maximum(x_hi - x_lo, 1)
+    halo = tl.where(empty, 0, (t_hi - t_lo) * (y_hi - y_lo) * (x_hi - x_lo))
 
-    q_index = t * HW + offs_m
-    q = load_cells(Q + b * sq_b + n * sq_n, t, qy, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-    do = load_cells(DO + b * sdo_b + n * sdo_n, t, qy, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-    lse = tl.load(Lse + bn * S + q_index, mask=m_valid, other=0.0)
-    delta = tl.load(Delta + bn * S + q_index, mask=m_valid, other=0.0)
+    query_index = ((qt - t_off) * H + qy) * W + qx
+    q = load_cells(Q + b * sq_b + n * sq_n, qt - t_off, qy, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
+    do = load_cells(DO + b * sdo_b + n * sdo_n, qt - t_off, qy, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
+    lse = tl.load(Lse + bn * S_Q + query_index, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + bn * S_Q + query_index, mask=m_valid, other=0.0)
+    if NUM_OBJ > 0:
+        objects = tl.arange(0, BLOCK_O)
+        o_off = (bn * NUM_OBJ + objects[None, :].to(tl.int64)) * S_Q + query_index[:, None].to(tl.int64)
+        o_mask = m_valid[:, None] & (objects[None, :] < NUM_OBJ)
+        args = tl.load(Arg + o_off, mask=o_mask, other=-1)
+        gs = tl.load(G + o_off, mask=o_mask, other=0.0)
+    else:
+        args = 0
+        gs = 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], Lse.dtype.element_ty)
 
-    k_base = K + b * sk_b + n * sk_n
-    v_base = V + b * sv_b + n * sv_n
-    for kt in range(tlo, thi):
-        for s0 in range(start, end, BLOCK_N):
-            offs_n = s0 + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < end
-            ky = offs_n // W
-            kx = offs_n % W
-            k = load_cells(k_base, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
-            v = load_cells(v_base, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
-            in_pattern = (
-                m_valid[:, None] & n_valid[None, :]
-                & (ky[None, :] >= ylo[:, None]) & (ky[None, :] < yhi[:, None])
-                & (kx[None, :] >= xlo[:, None]) & (kx[None, :] < xhi[:, None])
-            )
-            if NUM_OBJ > 0:
-                obj = object_grad(Arg, G, bn, S, q_index, m_valid, kt * HW + offs_n, NUM_OBJ, False)
-            else:
-                obj = 0.0
-            dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
+    k_base = K + b * sk_b + kv * sk_n
+    v_base = V + b * sv_b + kv * sv_n
+    full_end = halo_split(halo, BLOCK_N)
+    for start in range(0, full_end, BLOCK_N):
+        dq = dq_step(start, halo, q, do, lse, delta, args, gs, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi, dq,
+                     k_base, v_base, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
+                     t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale,
+                     NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N)
+    if full_end < halo:
+        dq = dq_step(full_end, halo, q, do, lse, delta, args, gs, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi,
+                     dq, k_base, v_base, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
+                     t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale,
+                     NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N // 2)
 
-    store_cells(DQ + bn * S * D, dq * scale, q_index, m_valid, D, BLOCK_D)
+    store_cells(DQ + bn * S_Q * D, dq * scale, query_index, m_valid, D, BLOCK_D)
+
+
+@triton.jit
+def dkdv_step(
+    start, walk, k, v, kpt, kpy, kpx, k_index, n_valid, dk, dv,
+    q_base, do_base, sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d, Lse, Delta, Arg, G, bnq, S_Q, t_off,
+    H, W, D, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, LT, LH, LW, KT, KH, KW, scale,
+    CAUSAL: tl.constexpr, SHIFT: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Queries ``start .. start + BLOCK_M - 1`` (those ``< walk``) of the box of queries
+    reaching the program's keys, of query head ``bnq``, into ``dK / scale`` and ``dV``."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < walk
+    qpt, qpy, qpx, qt, qy, qx = halo_cells(offs_m, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW)
+    wt_lo, wt_hi = window(qpt, LT, KT, SHIFT)
+    wy_lo, wy_hi = window(qpy, LH, KH, SHIFT)
+    wx_lo, wx_hi = window(qpx, LW, KW, SHIFT)
+    if CAUSAL:
+        wt_hi = tl.minimum(wt_hi, qpt + 1)
+    in_pattern = (
+        n_valid[:, None] & m_valid[None, :]
+        & (kpt[:, None] >= wt_lo[None, :]) & (kpt[:, None] < wt_hi[None, :])
+        & (kpy[:, None] >= wy_lo[None, :]) & (kpy[:, None] < wy_hi[None, :])
+        & (kpx[:, None] >= wx_lo[None, :]) & (kpx[:, None] < wx_hi[None, :])
+    )
+    query_index = ((qt - t_off) * H + qy) * W + qx
+    q = load_cells(q_base, qt - t_off, qy, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
+    do = load_cells(do_base, qt - t_off, qy, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
+    lse = tl.load(Lse + bnq * S_Q + query_index, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + bnq * S_Q + query_index, mask=m_valid, other=0.0)
+    if NUM_OBJ > 0:
+        obj = object_grad(Arg, G, bnq, S_Q, query_index, m_valid, k_index, NUM_OBJ, True)
+    else:
+        obj = 0.0
+    return dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
 
 
 @triton.jit
@@ -121,90 +246,94 @@ def local_bwd_dkdv(
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
     sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    N, T, H, W, D, KT, KH, KW,
+    N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
     scale,
-    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SHIFT: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """``dK`` and ``dV`` of ``BLOCK_N`` plane cells of key frame ``program_id(1)``; arguments
-    as in :func:`local_bwd_dq`, DK and DV contiguous ``(B*N, S, D)``."""
-    pid_n = tl.program_id(0)
-    kt = tl.program_id(1)
-    pid_bn = tl.program_id(2)
-    b = (pid_bn // N).to(tl.int64)
-    n = (pid_bn % N).to(tl.int64)
-    bn = pid_bn.to(tl.int64)
-    HW = H * W
-    S = T * HW
+    """``dK`` and ``dV`` of one box of keys of one key/value head, summed over its ``GROUP``
+    query heads; arguments as in :func:`local_bwd_dq`, DK and DV contiguous
+    ``(B*N_kv, T*H*W, D)``."""
+    tl.static_assert(BLOCK_N == TILE_T * TILE_H * TILE_W)
+    t_off = T - T_Q
+    S = T * H * W
+    S_Q = T_Q * H * W
+    N_KV = N // GROUP
+    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
+    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
+    n_box = tl.cdiv(tl.cdiv(T, DT), TILE_T) * tiles_h * tiles_w
+    box, rt, ry, rx, bkv = residue_program(tl.program_id(0), n_box, DT, DH, DW)
+    LT = (T - rt + DT - 1) // DT
+    LH = (H - ry + DH - 1) // DH
+    LW = (W - rx + DW - 1) // DW
+    kpt, kpy, kpx, n_valid, t0, y0, x0, t1, y1, x1 = box_positions(
+        box, 0, LT, LH, LW, tiles_h, tiles_w, TILE_T, TILE_H, TILE_W)
+    kt = rt + kpt * DT
+    ky = ry + kpy * DH
+    kx = rx + kpx * DW
+    b = (bkv // N_KV).to(tl.int64)
+    kv = (bkv % N_KV).to(tl.int64)
+    k_index = (kt * H + ky) * W + kx
+    k = load_cells(K + b * sk_b + kv * sk_n, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
+    v = load_cells(V + b * sv_b + kv * sv_n, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < HW
-    ky = offs_n // W
-    kx = offs_n % W
-    k_index = kt * HW + offs_n
-    k = load_cells(K + b * sk_b + n * sk_n, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
-    v = load_cells(V + b * sv_b + n * sv_n, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+    # the queries whose windows reach the box: a box of query positions (module docstring)
+    first_t = (t_off - rt + DT - 1) // DT
+    t_lo, t_hi = inverse_window(t0, t1, LT, KT, SHIFT)
+    t_lo = tl.maximum(t_lo, first_t)
+    if CAUSAL:
+        t_lo = tl.maximum(t_lo, t0)
+    y_lo, y_hi = inverse_window(y0, y1, LH, KH, SHIFT)
+    x_lo, x_hi = inverse_window(x0, x1, LW, KW, SHIFT)
+    empty = (t1 < t0) | (y1 < y0) | (x1 < x0) | (t_hi <= t_lo)
+    ny = tl.maximum(y_hi - y_lo, 1)
+    nx = tl.maximum(x_hi - x_lo, 1)
+    walk = tl.where(empty, 0, (t_hi - t_lo) * (y_hi - y_lo) * (x_hi - x_lo))
+    full_end = halo_split(walk, BLOCK_M)
+
     dk = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
     dv = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
+    for g in range(GROUP):
+        n = kv * GROUP + g
+        bnq = b * N + n
+        q_base = Q + b * sq_b + n * sq_n
+        do_base = DO + b * sdo_b + n * sdo_n
+        for start in range(0, full_end, BLOCK_M):
+            dk, dv = dkdv_step(start, walk, k, v, kpt, kpy, kpx, k_index, n_valid, dk, dv,
+                               q_base, do_base, sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d,
+                               Lse, Delta, Arg, G, bnq, S_Q, t_off, H, W, D, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx,
+                               DT, DH, DW, LT, LH, LW, KT, KH, KW, scale,
+                               CAUSAL, SHIFT, NUM_OBJ, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M)
+        if full_end < walk:
+            dk, dv = dkdv_step(full_end, walk, k, v, kpt, kpy, kpx, k_index, n_valid, dk, dv,
+                               q_base, do_base, sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d,
+                               Lse, Delta, Arg, G, bnq, S_Q, t_off, H, W, D, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx,
+                               DT, DH, DW, LT, LH, LW, KT, KH, KW, scale,
+                               CAUSAL, SHIFT, NUM_OBJ, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M // 2)
 
-    # how far a query can sit from a key of its window, per axis
-    if SHIFT:
-        reach_t = KT - 1
-        reach_h = KH - 1
-    else:
-        reach_t = KT // 2
-        reach_h = KH // 2
-    t_lo = tl.maximum(kt - reach_t, 0)
-    if CAUSAL:
-        t_lo = kt
-    t_hi = tl.minimum(kt + reach_t + 1, T)
-    first_y = (pid_n * BLOCK_N) // W
-    last_y = (tl.minimum(pid_n * BLOCK_N + BLOCK_N, HW) - 1) // W
-    start = tl.maximum(first_y - reach_h, 0) * W
-    end = tl.minimum(last_y + reach_h + 1, H) * W
-
-    q_base = Q + b * sq_b + n * sq_n
-    do_base = DO + b * sdo_b + n * sdo_n
-    for t in range(t_lo, t_hi):
-        win_lo, win_hi = window(t, T, KT, SHIFT)
-        if (kt >= win_lo) & (kt < win_hi):
-            for s0 in range(start, end, BLOCK_M):
-                offs_m = s0 + tl.arange(0, BLOCK_M)
-                m_valid = offs_m < end
-                qy = offs_m // W
-                qx = offs_m % W
-                ylo, yhi = window(qy, H, KH, SHIFT)
-                xlo, xhi = window(qx, W, KW, SHIFT)
-                q_index = t * HW + offs_m
-                q = load_cells(q_base, t, qy, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-                do = load_cells(do_base, t, qy, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-                lse = tl.load(Lse + bn * S + q_index, mask=m_valid, other=0.0)
-                delta = tl.load(Delta + bn * S + q_index, mask=m_valid, other=0.0)
-                in_pattern = (
-                    n_valid[:, None] & m_valid[None, :]
-                    & (ky[:, None] >= ylo[None, :]) & (ky[:, None] < yhi[None, :])
-                    & (kx[:, None] >= xlo[None, :]) & (kx[:, None] < xhi[None, :])
-                )
-                if NUM_OBJ > 0:
-                    obj = object_grad(Arg, G, bn, S, q_index, m_valid, k_index, NUM_OBJ, True)
-                else:
-                    obj = 0.0
-                dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
-
-    store_cells(DK + bn * S * D, dk * scale, k_index, n_valid, D, BLOCK_D)
-    store_cells(DV + bn * S * D, dv, k_index, n_valid, D, BLOCK_D)
+    bkv = bkv.to(tl.int64)
+    store_cells(DK + bkv * S * D, dk * scale, k_index, n_valid, D, BLOCK_D)
+    store_cells(DV + bkv * S * D, dv, k_index, n_valid, D, BLOCK_D)
 
 
-local_bwd_dq_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY)(local_bwd_dq)
-local_bwd_dkdv_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY)(local_bwd_dkdv)
+local_bwd_dq_tuned = triton.autotune(
+    CONFIGS_DQ, key=TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(local_bwd_dq)
+local_bwd_dkdv_tuned = triton.autotune(
+    CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})(local_bwd_dkdv)
 
+AOT_HEAD_DIMS = (32, 64, 128)
 AOT_SPECS = [
     aot_spec(
-        f"local_bwd_{part}", kernel, outputs, dict(KT=3, KH=7, KW=7),
-        dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=64, DOT_PRECISION="ieee", DOT_FP32=False, SHIFT=True), configs,
-        "bf16, contiguous (1, 8, 4, 32, 32, 64), kernel (3, 7, 7), shift, causal, 3 objects",
+        f"local_bwd_{part}[d{d}]", kernel, outputs,
+        dict(GROUP=2, T_Q=4, KT=3, KH=7, KW=7, DT=1, DH=2, DW=2, D=d),
+        dict(CAUSAL=True, NUM_OBJ=3, BLOCK_O=4, BLOCK_D=d, DOT_PRECISION="ieee", DOT_FP32=False, SHIFT=True),
+        configs_for(configs, d, part),
+        f"bf16, contiguous (1, 8, 4, 32, 32, {d}), kernel (3, 7, 7), dilation (1, 2, 2), GQA group 2, shift, "
+        "causal, 3 objects",
     )
+    for d in AOT_HEAD_DIMS
     for part, kernel, outputs, configs in (
         ("dq", local_bwd_dq, ("DQ",), CONFIGS_DQ),
         ("dkdv", local_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
@@ -215,15 +344,50 @@ AOT_SPECS = [
 def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
                     interpret: bool, config_dq=None, config_dkdv=None) -> None:
     """Launch the dQ and the dK/dV kernels for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
-    require_plain(p, "local")
-    kt, kh, kw = p.pattern.kernel_size
-    sizes = (p.N, p.T, p.H, p.W, p.D, kt, kh, kw, float(scale))
-    grid_q = lambda m: (cdiv(p.H * p.W, m["BLOCK_M"]), p.T, p.B * p.N)  # noqa: E731
-    grid_k = lambda m: (cdiv(p.H * p.W, m["BLOCK_N"]), p.T, p.B * p.N)  # noqa: E731
-    meta = {**meta, "SHIFT": p.pattern.boundary == "shift"}
-    limits = f"T={p.T}, B*N={p.B * p.N}"
+    residues = math.prod(p.dilation)
+    sizes = (p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *p.dilation, float(scale))
+    grid_q = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"])) * residues * p.B * p.N,)  # noqa: E731
+    grid_k = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"]), queries=False)  # noqa: E731
+                        * residues * p.B * p.N_kv,)
+    meta = {**meta, "SHIFT": p.pattern.boundary == "shift", "BLOCK_O": max(2, triton.next_power_of_2(max(1, meta["NUM_OBJ"])))}
+    limits = f"B*N={p.B * p.N}, T={p.T}, H={p.H}, W={p.W}, dilation={p.dilation}"
     module = sys.modules[__name__]
     run(module, "local_bwd_dq", grid_q, (*inputs, dq, *strides, *sizes), meta, interpret=interpret,
         configs=CONFIGS_DQ, config=config_dq, sizes=limits)
     run(module, "local_bwd_dkdv", grid_k, (*inputs, dk, dv, *strides, *sizes), meta, interpret=interpret,
         configs=CONFIGS_DKDV, config=config_dkdv, sizes=limits)
+
+
+def work_backward(p: Problem, config_dq, config_dkdv, dtype_bytes: int = 4, acc_bytes: int = 4) -> tuple[Work, Work]:
+    """The work :func:`local_bwd_dq` and :func:`local_bwd_dkdv` issue for ``p`` (rules in
+    :mod:`.work`); ``dtype_bytes``: element size of q, k, v, dO; ``acc_bytes``: of Lse,
+    Delta, G (float32)."""
+    bd = block_d(p.D)
+    D, es, O = p.D, dtype_bytes, p.num_obj
+    # per query: q, dO rows, lse, delta, and per object Arg (int32) and G
+    query_bytes = 2 * D * es + 2 * acc_bytes + O * (4 + acc_bytes)
+
+    bm, bn = config_dq.kwargs["BLOCK_M"], config_dq.kwargs["BLOCK_N"]
+    walks, walked = box_walks(p, tile_of(config_dq), inverse=False)
+    heads = p.B * p.N
+    wq = Work()
+    for valid, halo in walks:
+        full, half = steps(halo, bn)
+        wq.programs += len(valid) * heads
+        wq.exp += heads * bm * (full * bn + half * bn // 2)
+        wq.dot_flops += heads * (full * bn + half * bn // 2) * 3 * 2 * bm * bd
+        wq.load_bytes += heads * (int(valid.sum()) * query_bytes + int(halo.sum()) * 2 * D * es)
+    wq.distinct_bytes = p.B * p.N * p.S_q * query_bytes + p.B * p.N_kv * int(walked.sum()) * 2 * D * es
+
+    bn, bm = config_dkdv.kwargs["BLOCK_N"], config_dkdv.kwargs["BLOCK_M"]
+    walks, walked = box_walks(p, tile_of(config_dkdv), inverse=True)
+    heads = p.B * p.N_kv
+    wk = Work()
+    for valid, region in walks:
+        full, half = steps(region, bm)
+        wk.programs += len(valid) * heads
+        wk.exp += heads * p.group * bn * (full * bm + half * bm // 2)
+        wk.dot_flops += heads * p.group * (full * bm + half * bm // 2) * 4 * 2 * bn * bd
+        wk.load_bytes += heads * (int(valid.sum()) * 2 * D * es + p.group * int(region.sum()) * query_bytes)
+    wk.distinct_bytes = p.B * p.N_kv * p.S * 2 * D * es + p.B * p.N * int(walked.sum()) * query_bytes
+    return wq, wk
