@@ -69,3 +69,21 @@ def test_autocast_on_triton_backend():
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     out.float().sum().backward()
     assert all(x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_with_v2_arguments(backend):
+    """GQA, extra keys and lse under autocast: all of q, k, v, k_x, v_x take the autocast dtype,
+    lse stays float32, and gradients reach the float32 leaves (extra keys included)."""
+    q = torch.randn(1, 4, 1, 3, 4, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 2, 3, 4, 16, requires_grad=True) for _ in range(2))
+    kx, vx = (torch.randn(1, 2, 3, 16, requires_grad=True) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = local_attention(q, k, v, 3, return_lse=True, extra_kv=(kx, vx), backend=backend)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref_out, ref_lse = local_attention(*(x.bfloat16() for x in (q, k, v)), 3, return_lse=True,
+                                       extra_kv=(kx.bfloat16(), vx.bfloat16()), backend=backend)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+    (out.float().sum() + lse.sum()).backward()
+    assert all(x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0 for x in (q, k, v, kx, vx))

@@ -156,9 +156,6 @@ def test_compiled_v2_call_equals_eager(backend):
     """Every addition at once (GQA, T_q < T, extra keys, lse, labels), forward and backward."""
 
     def fn(q, k, v, kx, vx, labels):
-        if backend == "triton":  # plain shapes until the kernels take GQA and T_q: the merge is the operator's
-            k, v, q = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), torch.cat([q[:, :, :1], q], 2)
-            kx, vx = kx.repeat_interleave(2, 1), vx.repeat_interleave(2, 1)
         return local_attention(q, k, v, 3, causal=True, labels=labels, num_objects=3, return_lse=True,
                                extra_kv=(kx, vx), backend=backend)
 
