@@ -1,7 +1,8 @@
-"""The SST video object segmentation model and its data, built on sst_triton.
+"""The SST video object segmentation model, built on sst_triton.
 
-``from models import SST, Propagator``. Imports are lazy so that ``models.mask_io`` and
-the data code load without pulling in the model.
+``from models import SST, Propagator``. Imports are lazy so that ``import models.efficientnet``
+or ``models.label_propagation`` does not build the whole model. The data, metrics, validation
+and training around the model live in :mod:`vos`.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    steps: int = _opt(500, "optimizer steps")
+    steps: int = _opt(300, "optimizer steps")
     batch_size: int = _opt(4, "clips per step and per process")
     lr: float = _opt(1e-3, "peak learning rate (AdamW; warm-up, then cosine decay)")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")

@@ -262,7 +262,7 @@ def perturb_labels(labels: torch.Tensor, frames: Sequence[int], rng: np.random.G
 
 
 class SyntheticClips:
-    """Training clips from fresh synthetic videos (even ids, see :mod:`models.synthetic`).
+    """Training clips from fresh synthetic videos (even ids, see :mod:`vos.synthetic`).
 
     Args:
         num_frames: ``T`` per clip.

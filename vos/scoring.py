@@ -162,7 +162,7 @@ def score_folders(
     """Score a folder of predictions against a folder of ground truth.
 
     Returns:
-        ``(results, sequence names)``; ``results`` as :func:`models.davis_metrics.summarize`.
+        ``(results, sequence names)``; ``results`` as :func:`vos.metrics.summarize`.
     """
     gt = find_ground_truth(gt_root, sequences, split)
     pred_files = check_predictions(pred_root, gt)

@@ -1,6 +1,6 @@
 """Pictures of what a segmenter did: masks blended over frames, and animated GIFs.
 
-Colours are the DAVIS palette's (:func:`models.mask_io.davis_palette`), so an overlay
+Colours are the DAVIS palette's (:func:`vos.masks.davis_palette`), so an overlay
 matches the palette PNG written for the same frame.
 """
 from __future__ import annotations
