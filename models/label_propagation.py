@@ -11,6 +11,7 @@ refines.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -36,8 +37,10 @@ def normalize_features(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-3)
 
 
+@functools.lru_cache(maxsize=64)
 def _window_mask(ty: int, tx: int, radius: int, device: torch.device) -> torch.Tensor:
-    """``(ty * tx, (ty + 2r) * (tx + 2r))`` bool: key within ``radius`` of the query, in a tile's halo."""
+    """``(ty * tx, (ty + 2r) * (tx + 2r))`` bool: key within ``radius`` of the query, in a tile's halo
+    (cached: a video asks for the same few tile shapes on every frame)."""
     qy, qx = torch.meshgrid(torch.arange(ty, device=device), torch.arange(tx, device=device), indexing="ij")
     ky, kx = torch.meshgrid(torch.arange(ty + 2 * radius, device=device),
                             torch.arange(tx + 2 * radius, device=device), indexing="ij")
@@ -89,19 +92,18 @@ def propagate_labels(
     values_p = F.pad(values.float(), (r, r, r, r))
     inside = F.pad(keys.new_ones(1, 1, h, w, dtype=torch.bool), (r, r, r, r))[0, 0]
     out = query.new_zeros(B, O, h, w, dtype=torch.float32)
-    masks: dict[tuple[int, int], torch.Tensor] = {}
     for y0 in range(0, h, tile):
         for x0 in range(0, w, tile):
             ty, tx = min(tile, h - y0), min(tile, w - x0)
-            if (ty, tx) not in masks:
-                masks[(ty, tx)] = _window_mask(ty, tx, r, query.device)
             halo = (slice(y0, y0 + ty + 2 * r), slice(x0, x0 + tx + 2 * r))
             q = rearrange(query[:, :, y0:y0 + ty, x0:x0 + tx].float(), "b c y x -> b (y x) c")
             k = rearrange(keys_p[..., halo[0], halo[1]], "b t c y x -> b c (t y x)")
             v = rearrange(values_p[..., halo[0], halo[1]], "b t o y x -> b (t y x) o")
-            allowed = masks[(ty, tx)] & inside[halo[0], halo[1]].reshape(1, -1)
-            logits = (q @ k) / temperature  # (B, n, T * halo)
-            logits = logits.masked_fill(~allowed.repeat(1, T)[None], float("-inf"))
+            allowed = _window_mask(ty, tx, r, query.device) & inside[halo[0], halo[1]].reshape(1, -1)
+            # 0 / -inf bias: out-of-window and padded keys drop out of the top-k and the softmax;
+            # one fused baddbmm applies it with the temperature
+            bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf")).repeat(1, T)
+            logits = torch.baddbmm(bias[None].expand(B, -1, -1), q, k, alpha=1.0 / temperature)  # (B, n, T * halo)
             top, index = logits.topk(min(topk, logits.shape[-1]), dim=-1)
             weights = top.softmax(dim=-1).nan_to_num(0.0)  # a query with no key at all reads nothing
             picked = torch.gather(v[:, None].expand(B, q.shape[1], -1, O), 2, index[..., None].expand(-1, -1, -1, O))
