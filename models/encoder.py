@@ -106,14 +106,13 @@ class EncoderLayer(nn.Module):
             ``(B, T, H, W, C)`` attention output and affinities ``(B, heads, O, H, W)``.
         """
         attn = self.attn
-        qkv = attn.qkv(h)
         # views of the fused projection: the kernels take any strides, so nothing is copied
-        q, k, v = rearrange(qkv, "b t h w (three n d) -> three b n t h w d", three=3, n=attn.num_heads)
-        group = attn.num_heads // len(attn.patterns)
+        q, k, v = attn.project(rearrange(h, "b t h w c -> b c t h w"))
+        group, kv_group = attn.num_heads // len(attn.patterns), attn.kv_heads // len(attn.patterns)
         outs, affs = [], []
         for i, pattern in enumerate(attn.patterns):
-            heads = slice(i * group, (i + 1) * group)
-            qh, kh, vh = q[:, heads], k[:, heads], v[:, heads]
+            heads, kv = slice(i * group, (i + 1) * group), slice(i * kv_group, (i + 1) * kv_group)
+            qh, kh, vh = q[:, heads], k[:, kv], v[:, kv]
             outs.append(sparse_attention(qh, kh, vh, pattern, attn.scale, backend=attn.backend))
             _, aff = sparse_attention(qh[:, :, -1:], kh, vh, pattern, attn.scale, labels, num_objects,
                                       backend=attn.backend)
