@@ -12,7 +12,7 @@ runs one program per key block of one (batch, key/value head) and sums over the 
 query heads of that head in a fixed order (deterministic, no atomics), walking only the
 query cells of its class. Keys of a class with no query frame get zero gradients.
 
-Grids: one axis each, ``(B * N) * classes * query blocks`` (dQ) and
+Grids: one axis each, ``(B * N) * classes with a query frame * query blocks`` (dQ) and
 ``(B * N_kv) * classes * key blocks`` (dK/dV): axes y/z (65,535) are never used.
 """
 from __future__ import annotations
@@ -25,30 +25,36 @@ import triton.language as tl
 from ._common import block_d as _block_d, block_o as _block_o, class_cell
 from .common_bwd import aot_spec, dkdv_block, dq_block, load_cells, object_grad, store_cells
 from .launch import Problem, cdiv, run
-from .strided_fwd import class_shapes, clipped_stride, largest_query_class, query_blocks
+from .strided_fwd import class_shapes, clipped_stride, largest_query_class, pick, query_blocks, query_classes
 from .work import Work
 
 # Ordered: the first configuration a head dim keeps is the interpreter's. The query pass
 # widens its query block (keys reloaded once per query block), the key pass its key block
-# (queries reloaded once per key block). BLOCK_M / BLOCK_N >= 64 where wgmma applies.
+# (queries reloaded once per key block, and BLOCK_N is the row count of its dK/dV products:
+# >= 64 where wgmma applies).
 CONFIGS_DQ = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
 ]
 CONFIGS_DKDV = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
-# Largest BLOCK_D each configuration compiles spill-free at (``python -m sst_triton.aot``).
-_MAX_BLOCK_D = {
-    ("dq", 128, 64, 8): 128,
-    ("dq", 64, 64, 4): 128,
-    ("dq", 64, 32, 4): 128,
-    ("dkdv", 64, 128, 8): 64,
-    ("dkdv", 64, 64, 4): 128,
-    ("dkdv", 32, 64, 4): 128,
+# The checked head dims at which each configuration compiles with no spill on sm_80 and sm_90a
+# (``python -m sst_triton.aot``; see strided_fwd.pick).
+_HEAD_DIMS = {
+    ("dq", 128, 64, 8): (32,),               # d64: 340 spill bytes on sm_80
+    ("dq", 128, 32, 8): (32, 64),            # d128: 404 spill bytes on sm_80
+    ("dq", 64, 32, 8): (32, 64, 128),
+    ("dq", 64, 32, 4): (32, 128),            # d64: 16 spill bytes on sm_80
+    ("dkdv", 32, 128, 8): (32,),             # (64, 128, 8) spilled at d32 on sm_90a
+    ("dkdv", 32, 64, 8): (32, 64),           # d128: 208 spill bytes on sm_90a
+    ("dkdv", 32, 32, 4): (32, 64, 128),
+    ("dkdv", 16, 64, 8): (128,),
 }
 TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "ST", "SH", "SW", "BLOCK_D", "NUM_OBJ", "CAUSAL"]
 
@@ -60,8 +66,7 @@ def _key(part: str, config) -> tuple:
 def configs_for(part: str, block_d: int) -> list:
     """The configurations of ``part`` ("dq" or "dkdv") the autotuner may pick at ``block_d``."""
     configs = CONFIGS_DQ if part == "dq" else CONFIGS_DKDV
-    kept = [c for c in configs if block_d <= _MAX_BLOCK_D[_key(part, c)]]
-    return kept or [configs[-1]]
+    return pick(configs, _HEAD_DIMS, lambda c: _key(part, c), block_d)
 
 
 def _pruner(part: str):
@@ -77,16 +82,21 @@ def class_prologue(pid, T_Q, T, H, W, ST, SH, SW, BLOCK: tl.constexpr, QUERY_TIL
     """Decode ``pid`` = ((batch-head) * classes + class) * blocks + block (blocks over the
     largest class's query cells or over its cells) into the class geometry."""
     if QUERY_TILES:
+        # only the classes with a query frame: the time residues of the T_Q query frames
         blocks = tl.cdiv(tl.cdiv(T_Q, ST) * tl.cdiv(H, SH) * tl.cdiv(W, SW), BLOCK)
+        classes = tl.minimum(T_Q, ST) * SH * SW
     else:
         blocks = tl.cdiv(tl.cdiv(T, ST) * tl.cdiv(H, SH) * tl.cdiv(W, SW), BLOCK)
-    classes = ST * SH * SW
+        classes = ST * SH * SW
     pid_blk = pid % blocks
     pid_c = (pid // blocks) % classes
     pid_bn = pid // (blocks * classes)
     rx = pid_c % SW
     ry = (pid_c // SW) % SH
-    rt = pid_c // (SW * SH)
+    if QUERY_TILES:
+        rt = (T - T_Q + pid_c // (SW * SH)) % ST
+    else:
+        rt = pid_c // (SW * SH)
     nH = tl.cdiv(H - ry, SH)
     nW = tl.cdiv(W - rx, SW)
     plane = nH * nW
@@ -271,7 +281,7 @@ def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale
     largest = cdiv(p.T, st) * cdiv(p.H, sh) * cdiv(p.W, sw)  # class (0, 0, 0) is the largest
     meta = {**meta, "BLOCK_O": _block_o(p.num_obj)}
     sizes = (p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, st, sh, sw, float(scale))
-    grid_q = lambda m: (p.B * p.N * classes * cdiv(largest_q, m["BLOCK_M"]),)  # noqa: E731
+    grid_q = lambda m: (p.B * p.N * query_classes(p) * cdiv(largest_q, m["BLOCK_M"]),)  # noqa: E731
     grid_k = lambda m: (p.B * p.N_kv * classes * cdiv(largest, m["BLOCK_N"]),)  # noqa: E731
     limits = f"B*N={p.B * p.N}, classes={classes}, largest class={largest} cells"
     module = sys.modules[__name__]
@@ -300,7 +310,7 @@ def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4, acc_b
     # dQ: one program per query block
     BM, BN = config_dq.kwargs["BLOCK_M"], config_dq.kwargs["BLOCK_N"]
     heads = p.B * p.N
-    wq = Work(programs=heads * classes * cdiv(largest_query_class(p), BM))
+    wq = Work(programs=heads * query_classes(p) * cdiv(largest_query_class(p), BM))
     keys_read = 0
     for (nT, qf, nH, nW), count in shapes.items():
         plane = nH * nW

@@ -13,7 +13,8 @@ contiguous suffix of the class (frames ``>= T - T_Q``), so the query blocks tile
 only, while the keys (and ``causal``, ``causal_affinity``, the residues) use absolute frames.
 
 Grid: one axis, ``(B * N) * classes * query blocks`` programs, the query blocks of one class
-adjacent (they read the same keys, which then come from L2). Nothing on axes y/z, whose
+adjacent (they read the same keys, which then come from L2); only the ``min(T_Q, st) * sh * sw``
+classes that hold a query frame get programs. Nothing on axes y/z, whose
 65,535 limit the class count alone (``stride=(1, 256, 256)``: 65,536 classes) or ``B * N``
 would pass.
 
@@ -34,23 +35,26 @@ from ._common import block_d as _block_d, block_o as _block_o, class_cell, dot, 
 from .launch import Problem, cdiv, run
 from .work import Work
 
-# Ordered: the first configuration that a head dim keeps (``_prune``) is the one the interpreter
-# runs, so the first is the large-query-block one (fewest key reloads) and fits every head dim.
-# BLOCK_M >= 64 throughout: Hopper's wgmma takes 64-row warpgroup tiles.
+# Ordered: the first configuration that a head dim keeps (``configs_for``) is the one the
+# interpreter runs, so the first is the large-query-block one (fewest key reloads; it compiles at
+# every checked head dim). BLOCK_M >= 64 throughout: Hopper's wgmma takes 64-row warpgroup tiles.
+# BLOCK_N = 32 where the [BLOCK_M, BLOCK_N] logits and the object maxima would spill at 64.
 CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
 
-# Head dims (BLOCK_D) above which a configuration is not offered, from `python -m sst_triton.aot`
-# (spills or > 168 registers at 8 warps past these).
-_MAX_BLOCK_D = {
-    (128, 64, 8): 128,
-    (128, 64, 4): 64,
-    (64, 64, 4): 128,
-    (64, 32, 4): 128,
+# The head dims (BLOCK_D as checked by `python -m sst_triton.aot`: 32, 64, 128) at which each
+# configuration compiles with no spill on both sm_80 and sm_90a; past 128 no configuration is
+# checked and the smallest one runs.
+CHECKED_HEAD_DIMS = (32, 64, 128)
+_HEAD_DIMS = {
+    (128, 32, 8): (32, 64, 128),
+    (64, 32, 4): (32, 64),        # d128: 184 spill bytes on sm_80
+    (64, 32, 8): (32, 64, 128),
+    (128, 64, 8): (32,),          # d64: 152 spill bytes on sm_80
 }
 
 
@@ -58,11 +62,25 @@ def _key(config) -> tuple[int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
 
 
+def checked_head_dim(block_d: int):
+    """The checked head dim whose compile covers ``block_d`` (a smaller block fits where a larger
+    one does), or ``None`` past the largest."""
+    return next((d for d in CHECKED_HEAD_DIMS if block_d <= d), None)
+
+
+def pick(configs: list, table: dict, key, block_d: int) -> list:
+    """``configs`` (in order) that compile spill-free at ``block_d`` per ``table``; the one with
+    the fewest accumulator rows per warp when ``block_d`` is past every checked head dim."""
+    d = checked_head_dim(block_d)
+    kept = [c for c in configs if d is not None and d in table[key(c)]]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: max(c.kwargs.values()) / c.num_warps)]
+
+
 def configs_for(block_d: int) -> list:
-    """The configurations the autotuner may pick at head dim ``block_d`` (CONFIGS order); the
-    smallest one when none fits (head dims past 128: correct, not spill-checked)."""
-    kept = [c for c in CONFIGS if block_d <= _MAX_BLOCK_D[_key(c)]]
-    return kept or [CONFIGS[-1]]
+    """The configurations the autotuner may pick at head dim ``block_d`` (CONFIGS order)."""
+    return pick(CONFIGS, _HEAD_DIMS, _key, block_d)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -88,20 +106,21 @@ def strided_fwd(
     ``(B, T, H, W)``; Out contiguous ``(B*N, T_Q*H*W, D)``, Lse ``(B*N, T_Q*H*W)``, Aff/Arg
     ``(B*N, O, T_Q*H*W)`` (Arg values: absolute key cells)."""
     # ---- program -> (batch-head, class, query block): all on axis 0, blocks fastest
+    # only classes with a query frame get programs: the time residues of the T_Q query frames
     blocks = tl.cdiv(tl.cdiv(T_Q, ST) * tl.cdiv(H, SH) * tl.cdiv(W, SW), BLOCK_M)
-    classes = ST * SH * SW
+    classes = tl.minimum(T_Q, ST) * SH * SW
+    t_off = T - T_Q
     pid = tl.program_id(0)
     pid_m = pid % blocks
     pid_c = (pid // blocks) % classes
     pid_bn = pid // (blocks * classes)
     rx = pid_c % SW
     ry = (pid_c // SW) % SH
-    rt = pid_c // (SW * SH)
+    rt = (t_off + pid_c // (SW * SH)) % ST
     nH = tl.cdiv(H - ry, SH)
     nW = tl.cdiv(W - rx, SW)
     plane = nH * nW
     size = tl.cdiv(T - rt, ST) * plane
-    t_off = T - T_Q
     # the class's query cells: its frames >= t_off, a suffix in time-major order
     q_lo = tl.cdiv(tl.maximum(t_off - rt, 0), ST) * plane
     if q_lo + pid_m * BLOCK_M >= size:
@@ -201,16 +220,22 @@ def largest_query_class(p: Problem) -> int:
     return cdiv(p.T_q, st) * cdiv(p.H, sh) * cdiv(p.W, sw)
 
 
+def query_classes(p: Problem) -> int:
+    """Classes that hold a query cell: the time residues of the last ``T_q`` frames."""
+    st, sh, sw = clipped_stride(p)
+    return min(p.T_q, st) * sh * sw
+
+
 def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
                    interpret: bool, config=None) -> None:
     """Launch :func:`strided_fwd` for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
     st, sh, sw = clipped_stride(p)
     largest = largest_query_class(p)
-    grid = lambda m: (p.B * p.N * st * sh * sw * cdiv(largest, m["BLOCK_M"]),)  # noqa: E731
+    grid = lambda m: (p.B * p.N * query_classes(p) * cdiv(largest, m["BLOCK_M"]),)  # noqa: E731
     args = (*pointers, *strides, p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, st, sh, sw, scale_log2)
     run(sys.modules[__name__], "strided_fwd", grid, args, meta, interpret=interpret,
         configs=configs_for(meta["BLOCK_D"]), config=config,
-        sizes=f"B*N={p.B * p.N}, classes={st * sh * sw}, largest class={largest} query cells")
+        sizes=f"B*N={p.B * p.N}, classes={query_classes(p)}, largest class={largest} query cells")
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,7 +272,7 @@ def work_forward(p: Problem, config, elem_bytes: int = 4) -> Work:
     causal = p.pattern.causal
     st, sh, sw = clipped_stride(p)
     heads = p.B * p.N
-    w = Work(programs=heads * st * sh * sw * cdiv(largest_query_class(p), BM))
+    w = Work(programs=heads * query_classes(p) * cdiv(largest_query_class(p), BM))
     distinct_keys = 0
     for (nT, qf, nH, nW), count in class_shapes(p).items():
         plane = nH * nW
