@@ -129,7 +129,8 @@ def check_labels(q: torch.Tensor, labels, num_objects, check_values: bool = True
     if labels.device != q.device:
         raise ValueError(f"labels must be on the device of q ({q.device}), got {labels.device}")
     if check_values and labels.numel() > 0:
-        lo, hi = int(labels.min()), int(labels.max())
+        # one device-to-host copy for both bounds: a single sync per call on CUDA
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
         if lo < -1 or hi >= num_objects:
             raise ValueError(
                 f"labels must lie in [-1, num_objects) = [-1, {num_objects}), got values in [{lo}, {hi}]"
