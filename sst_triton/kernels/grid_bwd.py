@@ -439,3 +439,69 @@ def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale
         outputs = (dq, part_q) if "dq" in name else (dk, dv, part_k, part_v)
         run(module, name, grid, (*inputs, *outputs, *strides, *sizes), meta, interpret=interpret,
             configs=listed, config=forced, sizes=limits)
+
+
+def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4) -> tuple[Work, Work]:
+    """What the dQ kernels and the dK/dV kernels issue for ``p`` (see
+    :mod:`sst_triton.kernels.work`): q/k/v/dO elements of ``elem_bytes`` (4: float32),
+    float32 accumulation, separate contiguous tensors."""
+    from ._common import block_d
+
+    BD, O, D = block_d(p.D), p.num_obj, p.D
+    causal, H, W, T, t_off = p.pattern.causal, p.H, p.W, p.T, p.t_off
+    heads, kv_heads = p.B * p.N, p.B * p.N_kv
+    cell, acc = D * elem_bytes, 4
+    obj = 2 * O * acc  # Arg and G of one query
+    # per query: q, dO, lse, Delta
+    query = 2 * cell + 2 * acc
+    every_query = heads * p.S_q * (query + obj)
+
+    # dQ, row pass: per query frame, H rows of cdiv(W, BM) tiles against row and time keys
+    BM, BN = config_dq.kwargs["BLOCK_M"], config_dq.kwargs["BLOCK_N"]
+    tiles = cdiv(W, BM)
+    dq_rows = Work(programs=tiles * p.T_q * H * heads)
+    for t in range(t_off, T):
+        steps = t + (0 if causal else T - 1 - t)
+        dq_rows.exp += heads * H * tiles * (cdiv(W, BN) * BM * BN + steps * BM)
+        dq_rows.dot_flops += heads * H * tiles * cdiv(W, BN) * 6 * BM * BN * BD
+        dq_rows.load_bytes += heads * H * (W * query + tiles * W * 2 * cell + cdiv(W, BN) * W * obj
+                                            + steps * W * (2 * cell + obj))
+    dq_rows.distinct_bytes = every_query + 2 * kv_heads * p.S * cell
+    # dQ, column pass: against column keys, plus the partial
+    tiles = cdiv(H, BM)
+    lines = heads * p.T_q * W
+    dq_cols = Work(
+        programs=lines * tiles,
+        exp=lines * tiles * cdiv(H, BN) * BM * BN,
+        dot_flops=lines * tiles * cdiv(H, BN) * 6 * BM * BN * BD,
+        load_bytes=lines * (H * query + tiles * H * 2 * cell + cdiv(H, BN) * H * obj + H * D * acc),
+        distinct_bytes=every_query + 2 * kv_heads * p.T_q * H * W * cell + heads * p.S_q * D * acc,
+    )
+
+    # dK/dV, row pass: every key frame, H rows of cdiv(W, BN) key tiles, GROUP query heads
+    BM, BN = config_dkdv.kwargs["BLOCK_M"], config_dkdv.kwargs["BLOCK_N"]
+    tiles = cdiv(W, BN)
+    dkdv_rows = Work(programs=tiles * T * H * kv_heads)
+    for t in range(T):
+        in_row = t >= t_off
+        steps = (T - max(t + 1, t_off)) + (0 if causal else max(0, t - t_off))
+        per_head = Work(
+            exp=tiles * ((cdiv(W, BM) * BN * BM if in_row else 0) + steps * BN),
+            dot_flops=tiles * (cdiv(W, BM) * 8 * BN * BM * BD if in_row else 0),
+            load_bytes=(tiles * W * (query + obj) if in_row else 0) + steps * W * (query + obj),
+        )
+        dkdv_rows.exp += heads * H * per_head.exp
+        dkdv_rows.dot_flops += heads * H * per_head.dot_flops
+        dkdv_rows.load_bytes += heads * H * per_head.load_bytes + kv_heads * H * W * 2 * cell
+    dkdv_rows.distinct_bytes = every_query + 2 * kv_heads * p.S * cell
+    # dK/dV, column pass: column queries of query frames, plus the partials
+    tiles = cdiv(H, BN)
+    lines = kv_heads * T * W
+    dkdv_cols = Work(
+        programs=lines * tiles,
+        exp=heads * p.T_q * W * tiles * cdiv(H, BM) * BN * BM,
+        dot_flops=heads * p.T_q * W * tiles * cdiv(H, BM) * 8 * BN * BM * BD,
+        load_bytes=heads * p.T_q * W * tiles * H * (query + obj) + lines * H * 2 * (cell + D * acc),
+        distinct_bytes=every_query + 2 * kv_heads * p.S * (cell + D * acc),
+    )
+    return dq_rows + dq_cols, dkdv_rows + dkdv_cols

@@ -322,3 +322,53 @@ def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: floa
         check_grid("grid_fwd_cols", grid_cols({**meta, **c.kwargs}), sizes)
     for name, grid in (("grid_fwd_rows", grid_rows), ("grid_fwd_cols", grid_cols)):
         run(module, name, grid, args, meta, interpret=interpret, configs=CONFIGS, config=config, sizes=sizes)
+
+
+def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool = True) -> Work:
+    """What :func:`grid_fwd_rows` and :func:`grid_fwd_cols` issue for ``p`` under ``config``
+    (see :mod:`sst_triton.kernels.work`); q/k/v elements of ``elem_bytes`` (4: float32),
+    separate contiguous tensors."""
+    from ._common import block_d, block_o
+
+    BM, BN = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    BD, BO, O, D = block_d(p.D), block_o(p.num_obj), p.num_obj, p.D
+    causal, H, W, T = p.pattern.causal, p.H, p.W, p.T
+    heads, kv_heads = p.B * p.N, p.B * p.N_kv
+    row_labels = O > 0 and not causal_affinity
+    cell = D * elem_bytes
+
+    # row pass: per query frame t, H rows of cdiv(W, BM) tiles
+    tiles = cdiv(W, BM)
+    rows = Work(programs=tiles * p.T_q * H * heads)
+    for t in range(p.t_off, T):
+        earlier, later = t, (0 if causal else T - 1 - t)
+        labelled = (earlier + (later if not causal_affinity else 0)) if O else 0
+        per_row = Work(
+            exp=tiles * (cdiv(W, BN) * BM * (BN + 1) + 2 * BM * (earlier + later)),
+            dot_flops=tiles * cdiv(W, BN) * 4 * BM * BN * BD,
+            load_bytes=W * cell + tiles * W * (2 * cell + (4 if row_labels else 0))
+            + (earlier + later) * W * 2 * cell + labelled * W * 4,
+        )
+        rows.exp += heads * H * per_row.exp
+        rows.dot_flops += heads * H * per_row.dot_flops
+        rows.load_bytes += heads * H * per_row.load_bytes
+    # every key frame is a row or time key of some query; labels: eligible frames only
+    label_frames = (T - 1 if causal_affinity else T) if O else 0
+    rows.distinct_bytes = heads * p.S_q * cell + 2 * kv_heads * p.S * cell + p.B * label_frames * H * W * 4
+
+    # column pass: per query frame, W columns of cdiv(H, BM) tiles, then the merge
+    tiles = cdiv(H, BM)
+    lines = heads * p.T_q * W
+    per_col = Work(
+        exp=tiles * (cdiv(H, BN) * BM * (BN + 1) + 2 * BM + (BM * BO if O else 0)),
+        dot_flops=tiles * cdiv(H, BN) * 4 * BM * BN * BD,
+        load_bytes=H * cell + tiles * H * (2 * cell + (4 if row_labels else 0))
+        + H * (D * 4 + 4 + (2 * O * 4 if O else 0)),
+    )
+    cols = Work(
+        exp=lines * per_col.exp, dot_flops=lines * per_col.dot_flops, load_bytes=lines * per_col.load_bytes,
+        programs=lines * tiles,
+        distinct_bytes=heads * p.S_q * cell + 2 * kv_heads * p.T_q * H * W * cell
+        + (p.B * p.T_q * H * W * 4 if row_labels else 0) + heads * p.S_q * (D * 4 + 4 + 2 * O * 4),
+    )
+    return rows + cols

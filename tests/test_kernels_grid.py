@@ -1,0 +1,185 @@
+"""The grid kernels (``sst_triton.kernels.grid_fwd`` / ``grid_bwd``) in Triton's interpreter.
+
+Every configuration of every list, forced, against the float64 dense reference (out,
+affinity, lse; gradients through all three); several query tiles and key blocks per axis;
+causal, causal affinity on and off, labels or none; version 2 inside the kernels (grouped
+key/value heads, fewer query frames than key frames) alone and combined, and the plain-call
+equivalences they must keep; launch grids within CUDA's limits at sizes the interpreter
+could not run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sst_triton import Pattern, triton_path
+from sst_triton.kernels import grid_bwd, grid_fwd
+from sst_triton.kernels.backward import attention_backward
+from sst_triton.kernels.launch import GRID_LIMITS, capture_grids
+from sst_triton.reference import reference_attention
+
+O = 3
+
+
+def _inputs(B, N, N_kv, T_q, T, H, W, D, labels=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, T_q, H, W, D, generator=gen)
+    k = torch.randn(B, N_kv, T, H, W, D, generator=gen)
+    v = torch.randn(B, N_kv, T, H, W, D, generator=gen)
+    lab = torch.randint(-1, O, (B, T, H, W), generator=gen) if labels else None
+    return q, k, v, lab
+
+
+def _forward(q, k, v, pattern, lab, causal_affinity, config):
+    return triton_path.forward(q, k, v, pattern, None, lab, O if lab is not None else None, causal_affinity,
+                               config=config)
+
+
+def _check_forward(shape, causal, causal_affinity, labels, config):
+    q, k, v, lab = _inputs(*shape, labels=labels)
+    pattern = Pattern.grid(causal=causal)
+    out, aff, lse, arg = _forward(q, k, v, pattern, lab, causal_affinity, config)
+    ref = reference_attention(q, k, v, pattern, None, lab, O if labels else None, causal_affinity, return_lse=True)
+    torch.testing.assert_close(out.double(), ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), ref[-1], rtol=1e-4, atol=1e-4)
+    if labels:
+        torch.testing.assert_close(aff.double(), ref[1], rtol=1e-4, atol=1e-4)
+        # the case exercises affinities: some found, and the argmax is where they were found
+        assert (aff > 0).any() and ((arg >= 0) == (aff > 0)).all()
+    else:
+        assert aff is None and arg is None
+    return out, aff, lse, arg
+
+
+# (B, N, N_kv, T_q, T, H, W, D)
+CONFIG_CASES = [
+    # 16-wide tiles: 2 query tiles and 2 key blocks along both the row (W=18) and the column (H=17)
+    (0, (1, 1, 1, 1, 2, 17, 18, 8)),
+    # wider tiles: W=40 is two key blocks of 32 along the row, a partial block of 64
+    (1, (1, 2, 1, 2, 3, 5, 40, 16)),
+    (2, (1, 1, 1, 2, 2, 3, 40, 8)),
+    (3, (1, 1, 1, 1, 3, 4, 36, 24)),
+]
+
+
+@pytest.mark.parametrize("index,shape", CONFIG_CASES, ids=[f"config{i}" for i, _ in CONFIG_CASES])
+def test_forward_every_config(index, shape):
+    _check_forward(shape, causal=False, causal_affinity=False, labels=True, config=grid_fwd.CONFIGS[index])
+
+
+OPTION_CASES = [
+    # causal, causal_affinity, labels, (B, N, N_kv, T_q, T, H, W, D)
+    (False, True, True, (2, 1, 1, 3, 3, 4, 5, 8)),
+    (True, True, True, (1, 2, 2, 3, 3, 3, 5, 8)),
+    (True, False, True, (1, 1, 1, 3, 3, 5, 3, 8)),
+    (False, True, False, (1, 1, 1, 2, 2, 3, 4, 20)),
+    # GQA (group 2 and MQA), fewer query frames, both, with the other options
+    (False, False, True, (1, 4, 2, 3, 3, 3, 4, 8)),
+    (False, True, True, (1, 3, 1, 1, 4, 3, 4, 8)),
+    (True, True, True, (1, 4, 2, 2, 4, 3, 4, 8)),
+    (True, False, False, (2, 2, 1, 2, 3, 4, 3, 8)),
+    # one row / one column: a pass without keys of its own axis
+    (False, False, True, (1, 1, 1, 2, 3, 1, 5, 8)),
+    (True, False, True, (1, 1, 1, 2, 3, 5, 1, 8)),
+]
+
+
+@pytest.mark.parametrize("causal,causal_affinity,labels,shape", OPTION_CASES)
+def test_forward_options(causal, causal_affinity, labels, shape):
+    _check_forward(shape, causal, causal_affinity, labels, config=None)
+
+
+def test_version_2_equals_the_plain_call():
+    """GQA = the plain call on repeated K/V heads; T_q < T = the last T_q frames of a full call."""
+    B, N, N_kv, T_q, T, H, W, D = 1, 4, 2, 2, 3, 3, 5, 8
+    q, k, v, lab = _inputs(B, N, N_kv, T_q, T, H, W, D)
+    pattern = Pattern.grid(causal=True)
+    got = _forward(q, k, v, pattern, lab, True, None)
+    full_q = torch.cat([torch.randn(B, N, T - T_q, H, W, D), q], dim=2)
+    k_full, v_full = (x.repeat_interleave(N // N_kv, dim=1) for x in (k, v))
+    want = _forward(full_q, k_full, v_full, pattern, lab, True, None)
+    for name, a, b in zip(("out", "affinity", "lse", "argmax"), got, want):
+        torch.testing.assert_close(a, b[:, :, -T_q:] if name in ("out", "lse") else b[:, :, :, -T_q:],
+                                   rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def _check_backward(shape, causal, causal_affinity, labels, config_dq=None, config_dkdv=None, with_lse=True):
+    q, k, v, lab = _inputs(*shape, labels=labels)
+    pattern = Pattern.grid(causal=causal)
+    num = O if labels else None
+    out, aff, lse, arg = _forward(q, k, v, pattern, lab, causal_affinity, None)
+    gen = torch.Generator().manual_seed(1)
+    g_out = torch.randn(out.shape, generator=gen)
+    g_aff = torch.randn(aff.shape, generator=gen) if labels else None
+    g_lse = torch.randn(lse.shape, generator=gen) if with_lse else None
+    scale = shape[-1] ** -0.5
+    grads = attention_backward(g_out, q, k, v, out, lse, pattern, scale, g_aff, aff, arg, grad_lse=g_lse,
+                               config_dq=config_dq, config_dkdv=config_dkdv)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*leaves, pattern, None, lab, num, causal_affinity, return_lse=True)
+    loss = (ref[0] * g_out.double()).sum()
+    if labels:
+        loss = loss + (ref[1] * g_aff.double()).sum()
+    if with_lse:
+        loss = loss + (ref[-1] * g_lse.double()).sum()
+    expected = torch.autograd.grad(loss, leaves)
+    for name, got, want in zip("qkv", grads, expected):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3, msg=lambda m: f"d{name}: {m}")
+
+
+BACKWARD_CONFIG_CASES = [
+    (0, (1, 2, 1, 1, 2, 17, 18, 8)),  # 2 tiles and 2 blocks per axis, GQA, a frame without queries
+    (1, (1, 1, 1, 2, 2, 3, 36, 8)),
+    (2, (1, 1, 1, 2, 2, 3, 36, 8)),
+]
+
+
+@pytest.mark.parametrize("index,shape", BACKWARD_CONFIG_CASES, ids=[f"config{i}" for i, _ in BACKWARD_CONFIG_CASES])
+def test_backward_every_config(index, shape):
+    _check_backward(shape, causal=False, causal_affinity=True, labels=True,
+                    config_dq=grid_bwd.CONFIGS_DQ[index], config_dkdv=grid_bwd.CONFIGS_DKDV[index])
+
+
+BACKWARD_OPTION_CASES = [
+    (False, False, True, (1, 1, 1, 3, 3, 3, 4, 8)),
+    (True, True, True, (1, 4, 2, 2, 3, 3, 4, 8)),
+    (True, False, False, (2, 2, 1, 1, 3, 3, 2, 8)),
+    (False, True, True, (1, 3, 1, 2, 4, 2, 3, 8)),
+]
+
+
+@pytest.mark.parametrize("causal,causal_affinity,labels,shape", BACKWARD_OPTION_CASES)
+def test_backward_options(causal, causal_affinity, labels, shape):
+    _check_backward(shape, causal, causal_affinity, labels)
+
+
+def test_grids_fit_cuda_limits_at_sizes_the_interpreter_cannot_run():
+    """T*H = 70,000 and B*N = 65,536: every launch is one axis below 2**31."""
+    pattern = Pattern.grid()
+    for B, N, T, H, W in ((1, 1, 2, 35_000, 1), (2, 32_768, 1, 1, 2)):
+        q = torch.empty(B, N, T, H, W, 16)
+        with capture_grids(launch=False) as seen:
+            out, _, lse, _ = triton_path.forward(q, q, q, pattern)
+            attention_backward(q, q, q, q, out, lse, pattern, 1.0)
+        names = {name for name, _ in seen}
+        assert names == {"grid_fwd_rows", "grid_fwd_cols", "grid_bwd_dq_rows", "grid_bwd_dq_cols",
+                         "grid_bwd_dkdv_rows", "grid_bwd_dkdv_cols"}
+        for name, grid in seen:
+            assert len(grid) == 1 and 0 < grid[0] <= GRID_LIMITS[0], (name, grid)
+        # the folded grid really carries T*H (or B*N): more programs than an axis y could hold
+        assert max(g[0] for _, g in seen) > 65_535
+
+
+def test_work_model_meets_issue_11_at_its_shape():
+    """E <= 2 and L <= 6 for every grid kernel at T, H, W = 4, 24, 40, D = 32, 3 objects,
+    CONFIGS[0] (the model is held equal to the instrumented count in tests/test_work_model.py)."""
+    from sst_triton.kernels.instrument import useful_pairs
+    from sst_triton.kernels.launch import Problem
+
+    for pattern in (Pattern.grid(), Pattern.grid(causal=True)):
+        p = Problem(1, 1, 1, 4, 4, 24, 40, 32, pattern, num_obj=3)
+        fwd = grid_fwd.work_forward(p, grid_fwd.CONFIGS[0])
+        dq, dkdv = grid_bwd.work_backward(p, grid_bwd.CONFIGS_DQ[0], grid_bwd.CONFIGS_DKDV[0])
+        for work in (fwd, dq, dkdv):
+            assert work.exp / useful_pairs(p) <= 2.0 and work.reuse <= 6.0
