@@ -8,8 +8,13 @@
 
 B=1, N=8, T=4, H=W=64, D=32, fp32, the patterns of perf/cases.py. Times are the min over a few
 rounds (the machine may be shared); the ratios are printed at the end of the run.
+``SST_PERF_THREADS=1`` runs this file single-threaded: on a machine shared by many processes,
+multi-threaded CPU ops wait on descheduled threads and their times say more about the load
+than about the code.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -20,6 +25,8 @@ from sst_triton import sparse_attention
 B, N, T, SIZE, D = 1, 8, 4, 64, 32
 ROUNDS = 5
 _TIMES: dict = {}
+if os.environ.get("SST_PERF_THREADS"):
+    torch.set_num_threads(int(os.environ["SST_PERF_THREADS"]))
 
 
 def _inputs(n_kv: int = N):

@@ -85,7 +85,8 @@ def _grid(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity
     G, t0 = N // M, T - T_q
     dev = q.device
     K = T + H + W
-    rows = max(1, min(H, PAIRS_PER_CHUNK // (G * T_q * W * K)))
+    # the budget is per query head, as in a plain call: a chunk of a key/value head holds its G heads
+    rows = max(1, min(H, PAIRS_PER_CHUNK // (T_q * W * K)))
     # the G query heads of a key/value head as their own axis (a view): only q carries it
     qg = rearrange(q, "b (m g) t h w d -> b m g t h w d", g=G)
     t_query = t0 + torch.arange(T_q, device=dev)  # absolute times of the query frames
@@ -155,7 +156,8 @@ def _local_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple
     """Query tile per axis: trades halo waste (keys outside a query's window) for matmul size.
 
     ``q_sizes`` are the query extents ``(T_q, H, W)``, ``k_sizes`` the key extents ``(T, H, W)``;
-    ``group`` query heads share each tile's keys (GQA), so they count in the pair budget.
+    ``group`` query heads share each tile's keys (GQA): their work counts, their rows do not
+    count against the per-query-head pair budget.
     """
     best, best_cost = (1, 1, 1), math.inf
     cands = [[c for c in (1, 2, 4, 8, 16, 32) if c < L] + [L] for L in q_sizes]
@@ -171,7 +173,7 @@ def _local_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple
                 # (times the query heads sharing the keys), the halo gather ~ halo / tile (once per
                 # key/value head), and a fixed price per tile (small matmuls)
                 cost = group * padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
-                if group * q_tile * halo > PAIRS_PER_CHUNK:
+                if q_tile * halo > PAIRS_PER_CHUNK:
                     continue
                 if cost < best_cost:
                     best, best_cost = tiles, cost
@@ -238,7 +240,7 @@ def _local(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinit
     halo = kt.shape[1] * ky.shape[1] * kx.shape[1]
     q_tile = tt * ty * tx
     # a step covers a block of tiles along x (2 * PAIRS_PER_CHUNK pairs: the fused kernel keeps no logits)
-    x_block = max(1, min(nx, 2 * PAIRS_PER_CHUNK // (G * q_tile * halo)))
+    x_block = max(1, min(nx, 2 * PAIRS_PER_CHUNK // (q_tile * halo)))
     blocks = [(it, j, x0, min(nx, x0 + x_block)) for j in range(ny) for it in range(nt) for x0 in range(0, nx, x_block)]
     explicit = labels is not None or need_lse
 
@@ -387,11 +389,13 @@ def _strided(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affin
         aff = q.new_empty(B, N, *q_padded, num_objects)
         aff_s = rearrange(aff, split, st=st, sh=sh, sw=sw)
     rows_all = G * Mq
-    # chunks: classes of one (rt, rh) at a time, and the queries of a class in rows when it is large
-    if rows_all * M <= PAIRS_PER_CHUNK:
-        n_cls, q_rows = max(1, PAIRS_PER_CHUNK // (rows_all * M)), rows_all
+    # chunks: classes of one (rt, rh) at a time, and the queries of a class in rows when it is large;
+    # the budget is per query head (as in a plain call), so a key/value head's chunk holds G of them
+    budget = G * PAIRS_PER_CHUNK
+    if rows_all * M <= budget:
+        n_cls, q_rows = max(1, budget // (rows_all * M)), rows_all
     else:
-        n_cls, q_rows = 1, max(1, PAIRS_PER_CHUNK // M)
+        n_cls, q_rows = 1, max(1, budget // M)
     to_class = "b n sw tc hc wc c -> b n sw (tc hc wc) c"
     q_to_class = "b (m g) sw tc hc wc c -> b m sw (g tc hc wc) c"
     from_class = "b m sw (g tc hc wc) c -> b (m g) sw tc hc wc c"
@@ -454,7 +458,7 @@ def extra_attention(q: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, scale
     G = N // M
     # the G query heads of a key/value head are rows of one matmul: k_x, v_x are read as they are
     qg = rearrange(q, "b (m g) t h w d -> b m (g t h w) d", g=G)
-    rows = max(1, PAIRS_PER_CHUNK // L)
+    rows = max(1, G * PAIRS_PER_CHUNK // L)  # per query head, as the pattern part
     outs, lses = [], []
     for r0 in range(0, qg.shape[2], rows):
         logits = torch.matmul(qg[:, :, r0:r0 + rows] * scale, k_x.transpose(-1, -2))
@@ -500,7 +504,7 @@ def extra_attention_backward(
     kx, vx = k_x.to(acc), v_x.to(acc)
     dq = torch.empty_like(qg)
     dk_x, dv_x = torch.zeros_like(kx), torch.zeros_like(vx)
-    rows = max(1, PAIRS_PER_CHUNK // L)
+    rows = max(1, G * PAIRS_PER_CHUNK // L)
     for r0 in range(0, qg.shape[2], rows):
         sl = slice(r0, r0 + rows)
         p = torch.exp(torch.matmul(qg[:, :, sl], kx.transpose(-1, -2)) * scale - lse_r[:, :, sl, None])

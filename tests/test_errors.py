@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sst_triton import Pattern, grid_attention, local_attention, merge_attention, sparse_attention, strided_attention
-from sst_triton import merge, torch_path
+from sst_triton import merge, torch_path, triton_path
 
 SHAPE = (1, 2, 3, 4, 5, 8)
 
@@ -17,6 +17,7 @@ def _no_work(monkeypatch):
 
     monkeypatch.setattr(torch_path, "sparse_attention", fail)
     monkeypatch.setattr(torch_path, "extra_attention", fail)
+    monkeypatch.setattr(triton_path, "forward", fail)
     monkeypatch.setattr(merge, "_weights", fail)
 
 
@@ -120,6 +121,9 @@ BAD_V2 = {
     "dilation-pattern": (ValueError, "dilation", lambda: sparse_attention(q, k, v, Pattern.local(3, dilation=(0, 1, 1)))),
     "return-lse-int": (TypeError, "return_lse", lambda: strided_attention(q, k, v, 2, return_lse=1)),
     "return-lse-none": (TypeError, "return_lse", lambda: grid_attention(q, k, v, return_lse=None)),
+    "triton-kv-heads": (ValueError, "N_kv", lambda: grid_attention(q, *_kv(n_kv=3), backend="triton")),
+    "triton-extra-kv": (ValueError, "extra_kv", lambda: local_attention(q, k, v, 3, extra_kv=(_x(), _x(4)),
+                                                                         backend="triton")),
     "merge-not-list": (TypeError, "parts", lambda: merge_attention(out_)),
     "merge-empty": (ValueError, "parts", lambda: merge_attention([])),
     "merge-not-pair": (TypeError, "parts[1]", lambda: merge_attention([(out_, lse_), (out_,)])),
