@@ -53,7 +53,7 @@ _HEAD_DIMS = {
     ("dq", 64, 32, 4): (32, 128),            # d64: 16 spill bytes on sm_80
     ("dkdv", 32, 128, 8): (32,),             # (64, 128, 8) spilled at d32 on sm_90a
     ("dkdv", 32, 64, 8): (32, 64),           # d128: 208 spill bytes on sm_90a
-    ("dkdv", 32, 32, 4): (32, 64, 128),
+    ("dkdv", 32, 32, 4): (64, 128),          # d32 without objects: 8 spill bytes on sm_90a
     ("dkdv", 16, 64, 8): (128,),
 }
 TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "ST", "SH", "SW", "BLOCK_D", "NUM_OBJ", "CAUSAL"]
