@@ -179,8 +179,9 @@ def run_mode(args: argparse.Namespace, split: str) -> int:
     speed = {**speed, "device": str(device), "threads": torch.get_num_threads(),
              "short_side": args.infer_short_side, **peak_memory(device)}
     save_json(out_dir / "speed.json", speed)
-    print(f"{speed['frames']} frames in {speed['seconds']:.2f} s: {speed['fps']:.2f} frames/s "
-          f"({speed['threads']} threads); {speed['peak_memory_kind']}: {speed['peak_memory_mib']:.0f} MiB")
+    print(f"{speed['frames']} frames in {speed['seconds']:.2f} s: {speed['fps']:.2f} frames/s, "
+          f"{speed['fps_per_cpu_second']:.2f} per CPU-second ({speed['threads']} threads); "
+          f"{speed['peak_memory_kind']}: {speed['peak_memory_mib']:.0f} MiB")
     print(f"wrote masks to {out_dir / 'masks'}" + ("" if args.no_overlays else f", overlays and GIFs to {out_dir / 'overlays'}"))
     if results is None:
         print("no sequence has ground truth on every frame: nothing scored")

@@ -21,9 +21,12 @@ class ObjectDecoder(nn.Module):
     With a label ``prior`` (each object's probability read from memory by training-free label
     propagation, :mod:`models.label_propagation`), the prior and its log are two more
     per-object inputs, and the output is ``log prior`` (upsampled) plus the decoder's
-    correction, whose last convolution starts at zero: an untrained decoder reproduces the
-    propagation exactly, and training only has to learn where to depart from it (sharper
-    boundaries from the skips, objects the features confuse).
+    correction gated by the prior's own uncertainty ``4 p (1 - p)`` (1 where the propagation
+    hesitates, at object boundaries; near 0 where it is sure). The correction's last
+    convolution starts at zero: an untrained decoder reproduces the propagation exactly, and
+    training learns to refine it where it is unsure (sharper boundaries from the skips, cells
+    the features confuse) but cannot overrule it wholesale: what the clips teach about
+    synthetic objects' shapes does not carry to real ones, the propagation's confidence does.
 
     Args:
         dim: channels of the embedding and of the encoder output.
@@ -93,6 +96,8 @@ class ObjectDecoder(nn.Module):
             x = refine(x + repeat(proj(skip), "b c h w -> (b o) c h w", o=O))
         logits = self.head(x)
         if log_prior is not None:
-            logits = logits + F.interpolate(log_prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+            p = rearrange(prior.float(), "b o h w -> (b o) 1 h w")
+            gate = F.interpolate(4 * p * (1 - p), size=logits.shape[-2:], mode="bilinear", align_corners=False)
+            logits = gate * logits + F.interpolate(log_prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return rearrange(logits, "(b o) 1 h w -> b o h w", b=B)

