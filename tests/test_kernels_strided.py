@@ -65,7 +65,7 @@ def run_and_check(q, k, v, labels, num_obj, pattern, causal_affinity=True, confi
 
 
 # classes of 180 cells: two query blocks of 128 and several key blocks at every configuration
-BIG = dict(B=1, N=2, N_kv=1, T_q=3, T=3, H=10, W=12, D=16, num_obj=2)
+BIG = dict(B=1, N=1, N_kv=1, T_q=3, T=3, H=10, W=12, D=16, num_obj=2)
 BIG_PATTERN = Pattern.strided((1, 1, 2))
 
 
@@ -84,7 +84,7 @@ def test_forward_every_config(config):
     ids=[f"dq{_ids(a)}_dkdv{_ids(b)}" for a, b in zip(strided_bwd.CONFIGS_DQ, strided_bwd.CONFIGS_DKDV)],
 )
 def test_backward_every_config(config_dq, config_dkdv):
-    q, k, v, labels = make(**{**BIG, "N": 1, "T_q": 2})
+    q, k, v, labels = make(**{**BIG, "T_q": 2})
     run_and_check(q, k, v, labels, BIG["num_obj"], Pattern.strided((1, 1, 2), causal=True),
                   config=strided_fwd.CONFIGS[-1], config_dq=config_dq, config_dkdv=config_dkdv)
 
