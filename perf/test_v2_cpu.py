@@ -65,10 +65,16 @@ def _report(request):
     """Print the side-by-side ratios once every benchmark of this file has run (a fixture, not a
     test, so that ``--benchmark-only`` does not skip it)."""
     yield
-    tr = request.config.pluginmanager.getplugin("terminalreporter")
     if not _TIMES:
         return
-    timer = request.config.getoption("benchmark_timer", None)
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    # the teardown of a test runs under output capture: write past it, to the terminal
+    with capture.global_and_fixture_disabled():
+        _write_report(tr, request.config.getoption("benchmark_timer", None))
+
+
+def _write_report(tr, timer) -> None:
     tr.write_line("")
     tr.write_line(f"v2 CPU figures: B={B} N={N} T={T} H=W={SIZE} D={D} fp32, {torch.get_num_threads()} threads, "
                   f"min over {ROUNDS} rounds, timer {getattr(timer, '__name__', timer) or 'default'}")
