@@ -299,7 +299,7 @@ def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale
 def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4, acc_bytes: int = 4) -> tuple[Work, Work]:
     """What :func:`strided_bwd_dq` and :func:`strided_bwd_dkdv` issue for ``p``: q/k/v/dO
     elements of ``elem_bytes``, Lse/Delta/G of ``acc_bytes`` (float32: 4), contiguous tensors."""
-    BD, BO, O, D = _block_d(p.D), _block_o(p.num_obj), p.num_obj, p.D
+    BD, O, D = _block_d(p.D), p.num_obj, p.D
     causal = p.pattern.causal
     st, sh, sw = clipped_stride(p)
     classes = st * sh * sw
