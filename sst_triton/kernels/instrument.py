@@ -280,11 +280,11 @@ def _axis_pairs(pattern: Pattern, axis: int, length: int, first_query: int) -> i
     stride = list(one)
     stride[axis] = pattern.stride[axis]
     dil = list(one)
-    dil[axis] = pattern.dilation[axis]
-    line = dataclasses.replace(
-        pattern, kernel_size=tuple(kernel), stride=tuple(stride), dilation=tuple(dil),
-        causal=pattern.causal and axis == 0,
-    )
+    changes = dict(kernel_size=tuple(kernel), stride=tuple(stride), causal=pattern.causal and axis == 0)
+    if hasattr(pattern, "dilation"):
+        dil[axis] = pattern.dilation[axis]
+        changes["dilation"] = tuple(dil)
+    line = dataclasses.replace(pattern, **changes)
     idx = torch.arange(length)
     return int(connectivity(line, *shape, idx[first_query:, None], idx[None, :]).sum())
 
