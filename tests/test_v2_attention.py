@@ -9,10 +9,11 @@ v, k_x and v_x) to 1e-3; and the plain-call equivalences, exactly.
 from __future__ import annotations
 
 import pytest
+import torch.utils._python_dispatch
 import torch
 from einops import rearrange
 
-from sst_triton import Pattern, local_attention, merge_attention, sparse_attention, strided_attention
+from sst_triton import Pattern, local_attention, merge_attention, sparse_attention, strided_attention, torch_path
 from sst_triton.reference import reference_attention
 
 # (pattern, (B, N, N_kv, T_q, T, H, W, D), L, with labels, causal_affinity, return_lse)
@@ -226,3 +227,36 @@ def test_lse_gradient_alone():
     lse.sum().backward()
     assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0 and kx.grad.abs().sum() > 0
     assert v.grad.abs().max() == 0 and vx.grad.abs().max() == 0
+
+
+class _QueryRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the query rows the softmaxes (or fused attentions) of a call compute."""
+
+    OPS = ("aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_safe_softmax")
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        res = func(*args, **(kwargs or {}))
+        if func._schema.name in self.OPS:
+            out = res[0] if isinstance(res, tuple) else res
+            self.rows += out.numel() // out.shape[-1]
+        return res
+
+
+@pytest.mark.parametrize(
+    "pattern", [Pattern.grid(causal=True), Pattern.local((3, 3, 3)), Pattern.local(3, dilation=(2, 1, 2)),
+                Pattern.strided((1, 2, 2))], ids=lambda p: f"{p.kind}{p.dilation}"
+)
+def test_streaming_step_computes_only_its_query_frames(pattern):
+    """T_q = 1 against T = 4 key frames softmaxes a quarter of the query rows of T_q = 4."""
+    q, k, v = (torch.randn(1, 2, 4, 8, 8, 8) for _ in range(3))
+    counts = []
+    for T_q in (4, 1):
+        # the path the operator runs: a dispatch mode sees the operator itself as one op
+        with _QueryRows() as mode, torch.no_grad():
+            torch_path.sparse_attention(q[:, :, 4 - T_q:], k, v, pattern, 0.5)
+        counts.append(mode.rows)
+    assert counts[0] > 0 and counts[1] <= counts[0] / 4

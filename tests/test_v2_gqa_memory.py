@@ -1,7 +1,11 @@
 """GQA with ``N_kv = N / 4`` must not allocate K/V repeated per query head (SPEC, issue 12).
 
 Every tensor any ATen op produces during the forward and backward of the CPU path is recorded
-(a ``TorchDispatchMode``); none may be as large as K or V repeated to the ``N`` query heads.
+(a ``TorchDispatchMode``, by the size of the storage it lives in, so that views of existing
+tensors count as what they are); none may be as large as K or V repeated to the ``N`` query
+heads. A dispatch mode sees a custom operator as one op, so the mode wraps the function the
+operator ``sst_triton::attention_torch`` runs (:func:`sst_triton.torch_path.sparse_attention`;
+its backward operator recomputes that same function under autograd).
 The shapes make that bound tight: with ``T_q = 2 < T = 8`` neither q-sized copies nor the
 path's chunks (``PAIRS_PER_CHUNK``) come near it, while a ``repeat_interleave`` of K would
 reach it exactly, which the first test shows the detector catches.
@@ -10,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sst_triton import Pattern, sparse_attention
+from sst_triton import Pattern, torch_path
 
 B, N, N_KV, T_Q, T, H, W, D, L = 1, 8, 2, 2, 8, 16, 16, 64, 16
 REPEATED_KV = B * N * T * H * W * D  # elements of K (or V) repeated to every query head
@@ -22,15 +26,17 @@ class _Largest(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.numel, self.op = 0, None
-        self.shapes = []
+        self.shapes, self.ops = [], set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         res = func(*args, **(kwargs or {}))
         for r in res if isinstance(res, (tuple, list)) else (res,):
             if isinstance(r, torch.Tensor):
                 self.shapes.append(tuple(r.shape))
-                if r.numel() > self.numel:
-                    self.numel, self.op = r.numel(), func
+                self.ops.add(func._schema.name)
+                numel = r.untyped_storage().nbytes() // r.element_size()
+                if numel > self.numel:
+                    self.numel, self.op = numel, func
         return res
 
 
@@ -56,9 +62,12 @@ def test_gqa_allocates_no_repeated_kv(pattern):
     q, k, v, kx, vx = _inputs()
     labels = torch.randint(-1, 2, (B, T, H, W))
     with _Largest() as seen:
-        out, aff, lse = sparse_attention(q, k, v, pattern, labels=labels, num_objects=2, return_lse=True,
-                                         extra_kv=(kx, vx))
+        out, aff, lse = torch_path.sparse_attention(q, k, v, pattern, D ** -0.5, labels, 2, True,
+                                                    extra_kv=(kx, vx), return_lse=True)
         (out.sum() + aff.sum() + lse.sum()).backward()
+    # the mode saw the path's own work, forward and backward (not one opaque operator)
+    assert "aten::mm" in seen.ops or "aten::bmm" in seen.ops
+    assert any(name.endswith("_backward") for name in seen.ops)
     assert k.grad.shape == k.shape and kx.grad.shape == kx.shape and k.grad.abs().sum() > 0
     assert seen.numel < REPEATED_KV, f"{seen.op} made a tensor of {seen.numel} elements (repeated K/V: {REPEATED_KV})"
     # nor the extra keys repeated per query head
