@@ -34,12 +34,13 @@ class ObjectDecoder(nn.Module):
         skip_channels: channels of the backbone skips, finest first.
         hidden: decoder width.
         prior: take a label prior (see above).
+        prior_gate: gate the correction by ``4 p (1 - p)``; ``False`` adds it as it is.
     """
 
     def __init__(self, dim: int, affinity_channels: int, skip_channels: Sequence[int], hidden: int = 32,
-                 prior: bool = False) -> None:
+                 prior: bool = False, prior_gate: bool = True) -> None:
         super().__init__()
-        self.prior = prior
+        self.prior, self.prior_gate = prior, prior_gate
         self.shared = nn.Conv2d(2 * dim, hidden, 1)
         # own and background affinities, and the own share of all objects' affinity (+ the prior and its log)
         self.object = nn.Conv2d(3 * affinity_channels + (2 if prior else 0), hidden, 1, bias=False)
@@ -96,8 +97,10 @@ class ObjectDecoder(nn.Module):
             x = refine(x + repeat(proj(skip), "b c h w -> (b o) c h w", o=O))
         logits = self.head(x)
         if log_prior is not None:
-            p = rearrange(prior.float(), "b o h w -> (b o) 1 h w")
-            gate = F.interpolate(4 * p * (1 - p), size=logits.shape[-2:], mode="bilinear", align_corners=False)
-            logits = gate * logits + F.interpolate(log_prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+            if self.prior_gate:
+                p = rearrange(prior.float(), "b o h w -> (b o) 1 h w")
+                logits = logits * F.interpolate(4 * p * (1 - p), size=logits.shape[-2:], mode="bilinear",
+                                                align_corners=False)
+            logits = logits + F.interpolate(log_prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return rearrange(logits, "(b o) 1 h w -> b o h w", b=B)

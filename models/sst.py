@@ -81,6 +81,7 @@ class SST(nn.Module):
         label_prior: give the decoder each object's probability read from memory by
             training-free label propagation through the backbone's (frozen) features
             (:mod:`models.label_propagation`); the decoder then learns a correction of it.
+        prior_gate: scale that correction by the prior's uncertainty ``4 p (1 - p)``.
         decoder_dim: decoder width.
         scale: attention logit scale; the paper's ``1.0`` (``None`` = ``1/sqrt(head_dim)``).
         attention_backend: ``None`` (Triton on CUDA, PyTorch on CPU), ``"torch"`` or ``"triton"``.
@@ -104,6 +105,7 @@ class SST(nn.Module):
         backbone_weights: Optional[Union[str, os.PathLike]] = None,
         backbone_trainable_stages: int = 0,
         label_prior: bool = False,
+        prior_gate: bool = True,
         decoder_dim: int = 32,
         scale: Optional[float] = 1.0,
         attention_backend: Optional[str] = None,
@@ -122,7 +124,7 @@ class SST(nn.Module):
             attn=attn, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, tau=tau,
             kernel_size=kernel_size, stride=stride, pos_enc=pos_enc, backbone=backbone,
             backbone_stride=backbone_stride, backbone_width=backbone_width, decoder_dim=decoder_dim, scale=scale,
-            backbone_trainable_stages=backbone_trainable_stages, label_prior=label_prior,
+            backbone_trainable_stages=backbone_trainable_stages, label_prior=label_prior, prior_gate=prior_gate,
         )
         self.attn, self.tau = attn, tau
         self.backbone = build_backbone(backbone, backbone_stride, backbone_width, backbone_weights,
@@ -134,7 +136,8 @@ class SST(nn.Module):
         self.encoder = SparseEncoder(
             dim, depth, heads, make_pattern(attn, kernel_size, stride), mlp_ratio, scale, attention_backend
         )
-        self.decoder = ObjectDecoder(dim, depth * heads, self.backbone.skip_channels, decoder_dim, self.label_prior)
+        self.decoder = ObjectDecoder(dim, depth * heads, self.backbone.skip_channels, decoder_dim, self.label_prior,
+                                     prior_gate)
         # the normalisation the backbone's weights expect (ImageNet's unless it says otherwise)
         mean = getattr(self.backbone, "input_mean", IMAGENET_MEAN)
         std = getattr(self.backbone, "input_std", IMAGENET_STD)

