@@ -33,7 +33,6 @@ import contextlib
 from typing import Optional, Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from .patterns import Pattern
