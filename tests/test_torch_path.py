@@ -153,6 +153,18 @@ def test_pattern_sizes_match_the_spec():
     m = dense_mask(Pattern.strided((1, 2, 2)), T, H, W)
     assert m.sum(1).max() == 3 * 3 * 2
     assert (dense_mask(Pattern.local(3, causal=True), T, H, W) <= dense_mask(Pattern.local(3), T, H, W)).all()
+    # dilation: with "shift" a query keeps min(k, ceil((L - r) / d)) keys per axis of its sub-sequence
+    T, H, W = 3, 7, 6
+    p = Pattern.local((1, 3, 5), boundary="shift", dilation=(1, 2, 3))
+    m = dense_mask(p, T, H, W)
+    y, x = torch.arange(H).repeat_interleave(W).repeat(T), torch.arange(W).repeat(T * H)
+    per_y = torch.clamp(-(-(H - y % 2) // 2), max=3)
+    per_x = torch.clamp(-(-(W - x % 3) // 3), max=5)
+    assert torch.equal(m.sum(1), per_y * per_x)
+    assert m.sum(1).max() == p.max_keys(T, H, W)
+    # keys share the query's residue along every dilated axis
+    q_idx, k_idx = m.nonzero(as_tuple=True)
+    assert ((q_idx // W) % H % 2 == (k_idx // W) % H % 2).all() and (q_idx % W % 3 == k_idx % W % 3).all()
 
 
 def test_affinity_gradient_reaches_the_argmax_key():
