@@ -224,7 +224,7 @@ def _row(case: str, kernel: str, e: Estimate, p: Problem, device: Device, mark: 
     useful = useful_flops(p, kernel)
     w = e.work
     return (
-        f"{case:<28}{kernel:<6}{e.config:<58}{w.exp / U:>7.2f}{w.reuse:>7.2f}{w.exp / 1e6:>9.1f}"
+        f"{case:<28}{kernel:<7}{e.config:<58}{w.exp / U:>7.2f}{w.reuse:>7.2f}{w.exp / 1e6:>9.1f}"
         f"{w.dot_flops / 1e9:>9.2f}{w.load_bytes / 2**20:>10.1f}{e.hbm_bytes / 2**20:>9.1f}"
         f"{compulsory_bytes(p, kernel, ELEMENT_BYTES) / 2**20:>9.1f}{useful / 1e9:>9.2f}{e.seconds * 1e6:>9.1f}"
         f"  {e.bound:<6}{useful / e.seconds / 1e12:>8.1f}{100 * roof / e.seconds:>7.1f}%{mark}"
@@ -232,7 +232,7 @@ def _row(case: str, kernel: str, e: Estimate, p: Problem, device: Device, mark: 
 
 
 HEADER = (
-    f"{'case':<28}{'kernel':<6}{'config':<58}{'E':>7}{'L':>7}{'Mexp':>9}{'MMA GF':>9}{'load MB':>10}"
+    f"{'case':<28}{'kernel':<7}{'config':<58}{'E':>7}{'L':>7}{'Mexp':>9}{'MMA GF':>9}{'load MB':>10}"
     f"{'HBM MB':>9}{'comp MB':>9}{'use GF':>9}{'est us':>9}  {'by':<6}{'uTF/s':>8}{'roof':>8}"
 )
 
@@ -278,11 +278,38 @@ def report(device: Device = H100, all_configs: bool = False) -> str:
     return "\n".join(lines)
 
 
+def issue_table() -> str:
+    """Issue 11's E/L table from the models (validated against the instrumented interpreter
+    by tests/test_work_model.py): T, H, W = 4, 24, 40, D = 32, 3 objects, ``CONFIGS[0]``,
+    float32 elements as the interpreter runs them."""
+    lines = ["T,H,W = 4,24,40, D = 32, 3 objects, CONFIGS[0] (model = instrumented count)",
+             f"{'kernel':<16} | {'forward':<15} | {'backward dQ':<15} | {'backward dK/dV':<15}"]
+    for label, pattern in (("local (7,5,5)", Pattern.local((7, 5, 5))), ("local (3,7,7)", Pattern.local((3, 7, 7))),
+                           ("strided (1,4,4)", Pattern.strided((1, 4, 4))), ("grid", Pattern.grid())):
+        p = Problem(1, 1, 1, 4, 4, 24, 40, 32, pattern, 3)
+        fwd_module = sys.modules[FORWARD[pattern.kind].__module__]
+        bwd_module = sys.modules[BACKWARD[pattern.kind].__module__]
+        U = useful_pairs(p)
+        cells = []
+        try:
+            works = [fwd_module.work_forward(p, fwd_module.CONFIGS[0]),
+                     *bwd_module.work_backward(p, bwd_module.CONFIGS_DQ[0], bwd_module.CONFIGS_DKDV[0])]
+            cells = [f"E {w.exp / U:5.2f} L {w.reuse:5.2f}" for w in works]
+        except Exception as exc:
+            cells = [f"({type(exc).__name__})"] * 3
+        lines.append(f"{label:<16} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python perf/work_model.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=[d.name.split()[0] for d in DEVICES], action="append")
     parser.add_argument("--all-configs", action="store_true", help="a row for every candidate configuration")
+    parser.add_argument("--issue-table", action="store_true", help="only issue 11's E/L table at T,H,W = 4,24,40")
     args = parser.parse_args(argv)
+    if args.issue_table:
+        print(issue_table())
+        return 0
     chosen = [d for d in DEVICES if not args.device or d.name.split()[0] in args.device]
     for device in chosen:
         print(report(device, args.all_configs))
