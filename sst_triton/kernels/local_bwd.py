@@ -31,59 +31,41 @@ from ._common import block_d
 from .common_bwd import aot_spec, dkdv_block, dq_block, load_cells, object_grad, store_cells
 from .launch import Problem, cdiv, run
 from .local_fwd import (
-    box_positions, box_walks, boxes, halo_cells, halo_split, inverse_window, residue_program, steps, tile_of, window,
+    box_positions, box_walks, boxes, dilation_of, halo_cells, halo_split, inverse_window, residue_program, steps, tile_of, window,
+    window_anchor, configs_up_to, head_dim_pruner,
 )
 from .work import Work
 
 # dQ: TILE_* the query box, BLOCK_M its size, BLOCK_N keys a step. dK/dV: TILE_* the key
 # box, BLOCK_N its size, BLOCK_M queries a step. The first config is the interpreter's.
+# One stage: the blocks are gathers (a 64-bit address per element), and a prefetched second
+# stage spills; each config is kept up to the head dim at which it compiles spill-free.
 CONFIGS_DQ = [
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
 ]
+MAX_HEAD_DIM_DQ = [64, 64, 64, 64, 128]
 CONFIGS_DKDV = [
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=2),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2),
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=3),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=2),
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=3),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=8, num_stages=1),
 ]
+MAX_HEAD_DIM_DKDV = [64, 64, 64, 64, 128]
 TUNE_KEY = ["N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
             "SHIFT"]
-
-# fp32 accumulator elements per thread a config may hold at a head dim (dq: BLOCK_M x D;
-# dk and dv: 2 x BLOCK_N x D) besides its operand tiles; checked by ``python -m sst_triton.aot``
-MAX_ACC_PER_THREAD = 32
-
-
-def _accumulators(config, part: str) -> int:
-    kw = config.kwargs
-    return kw["BLOCK_M"] if part == "dq" else 2 * kw["BLOCK_N"]
-
-
-def configs_for(configs: list, bd: int, part: str) -> list:
-    """The configs that keep their accumulators within budget at padded head dim ``bd``
-    (the smallest one when none does: head dims past 128 are correct, not spill-checked)."""
-    kept = [c for c in configs if _accumulators(c, part) * bd <= MAX_ACC_PER_THREAD * 32 * c.num_warps]
-    return kept or [min(configs, key=lambda c: _accumulators(c, part) * bd / c.num_warps)]
-
-
-def _pruner(part: str):
-    def prune(configs, named_args, **kwargs):
-        return configs_for(list(configs), kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), part)
-
-    return prune
 
 
 @triton.jit
 def dq_step(
-    start, walk, q, do, lse, delta, args, gs, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi, dq,
+    start, walk, q, do, lse, delta, args, gs, qpt, at, ay, ax, wt, wh, ww, dq,
     k_base, v_base, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
     t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale,
-    NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Halo keys ``start .. start + BLOCK_N - 1`` (those ``< walk``) into ``dQ / scale`` of
@@ -94,12 +76,16 @@ def dq_step(
     kpt, kpy, kpx, kt, ky, kx = halo_cells(offs_n, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW)
     k = load_cells(k_base, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
     v = load_cells(v_base, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+    # keys past the halo get a position no window holds (one vector less than a mask);
+    # rows of queries past the box's edge are computed, never stored: no query mask
+    kpt = tl.where(n_valid, kpt, -(1 << 20))
     in_pattern = (
-        m_valid[:, None] & n_valid[None, :]
-        & (kpt[None, :] >= wt_lo[:, None]) & (kpt[None, :] < wt_hi[:, None])
-        & (kpy[None, :] >= wy_lo[:, None]) & (kpy[None, :] < wy_hi[:, None])
-        & (kpx[None, :] >= wx_lo[:, None]) & (kpx[None, :] < wx_hi[:, None])
+        ((kpt[None, :] - at[:, None]).to(tl.uint32) < wt)
+        & ((kpy[None, :] - ay[:, None]).to(tl.uint32) < wh)
+        & ((kpx[None, :] - ax[:, None]).to(tl.uint32) < ww)
     )
+    if CAUSAL:
+        in_pattern = in_pattern & (kpt[None, :] <= qpt[:, None])
     if NUM_OBJ > 0:
         # sum_o g_o[p] [j == argmax_o(p)], from the program's own copy of Arg and G
         key_index = (kt * H + ky) * W + kx
@@ -152,11 +138,9 @@ def local_bwd_dq(
     kv = n // GROUP
     bn = bn.to(tl.int64)
 
-    wt_lo, wt_hi = window(qpt, LT, KT, SHIFT)
-    wy_lo, wy_hi = window(qpy, LH, KH, SHIFT)
-    wx_lo, wx_hi = window(qpx, LW, KW, SHIFT)
-    if CAUSAL:
-        wt_hi = tl.minimum(wt_hi, qpt + 1)
+    at, wt = window_anchor(qpt, LT, KT, SHIFT)
+    ay, wh = window_anchor(qpy, LH, KH, SHIFT)
+    ax, ww = window_anchor(qpx, LW, KW, SHIFT)
     t_lo, _ = window(t0, LT, KT, SHIFT)
     _, t_hi = window(t1, LT, KT, SHIFT)
     if CAUSAL:
@@ -190,22 +174,22 @@ def local_bwd_dq(
     v_base = V + b * sv_b + kv * sv_n
     full_end = halo_split(halo, BLOCK_N)
     for start in range(0, full_end, BLOCK_N):
-        dq = dq_step(start, halo, q, do, lse, delta, args, gs, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi, dq,
+        dq = dq_step(start, halo, q, do, lse, delta, args, gs, qpt, at, ay, ax, wt, wh, ww, dq,
                      k_base, v_base, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
                      t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale,
-                     NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N)
+                     CAUSAL, NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N)
     if full_end < halo:
-        dq = dq_step(full_end, halo, q, do, lse, delta, args, gs, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi,
+        dq = dq_step(full_end, halo, q, do, lse, delta, args, gs, qpt, at, ay, ax, wt, wh, ww,
                      dq, k_base, v_base, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
                      t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale,
-                     NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N // 2)
+                     CAUSAL, NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N // 2)
 
     store_cells(DQ + bn * S_Q * D, dq * scale, query_index, m_valid, D, BLOCK_D)
 
 
 @triton.jit
 def dkdv_step(
-    start, walk, k, v, kpt, kpy, kpx, k_index, n_valid, dk, dv,
+    start, walk, k, v, kpt, kpy, kpx, k_index, dk, dv,
     q_base, do_base, sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d, Lse, Delta, Arg, G, bnq, S_Q, t_off,
     H, W, D, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, LT, LH, LW, KT, KH, KW, scale,
     CAUSAL: tl.constexpr, SHIFT: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -216,17 +200,19 @@ def dkdv_step(
     offs_m = start + tl.arange(0, BLOCK_M)
     m_valid = offs_m < walk
     qpt, qpy, qpx, qt, qy, qx = halo_cells(offs_m, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW)
-    wt_lo, wt_hi = window(qpt, LT, KT, SHIFT)
-    wy_lo, wy_hi = window(qpy, LH, KH, SHIFT)
-    wx_lo, wx_hi = window(qpx, LW, KW, SHIFT)
-    if CAUSAL:
-        wt_hi = tl.minimum(wt_hi, qpt + 1)
+    at, wt = window_anchor(qpt, LT, KT, SHIFT)
+    ay, wh = window_anchor(qpy, LH, KH, SHIFT)
+    ax, wx_w = window_anchor(qpx, LW, KW, SHIFT)
+    # queries past the walk get an anchor no key reaches (the keys past the box already
+    # have a position no window holds): the window compares are the whole mask
+    at = tl.where(m_valid, at, 1 << 20)
     in_pattern = (
-        n_valid[:, None] & m_valid[None, :]
-        & (kpt[:, None] >= wt_lo[None, :]) & (kpt[:, None] < wt_hi[None, :])
-        & (kpy[:, None] >= wy_lo[None, :]) & (kpy[:, None] < wy_hi[None, :])
-        & (kpx[:, None] >= wx_lo[None, :]) & (kpx[:, None] < wx_hi[None, :])
+        ((kpt[:, None] - at[None, :]).to(tl.uint32) < wt)
+        & ((kpy[:, None] - ay[None, :]).to(tl.uint32) < wh)
+        & ((kpx[:, None] - ax[None, :]).to(tl.uint32) < wx_w)
     )
+    if CAUSAL:
+        in_pattern = in_pattern & (kpt[:, None] <= qpt[None, :])
     query_index = ((qt - t_off) * H + qy) * W + qx
     q = load_cells(q_base, qt - t_off, qy, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
     do = load_cells(do_base, qt - t_off, qy, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
@@ -278,6 +264,8 @@ def local_bwd_dkdv(
     k_index = (kt * H + ky) * W + kx
     k = load_cells(K + b * sk_b + kv * sk_n, kt, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
     v = load_cells(V + b * sv_b + kv * sv_n, kt, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+    # keys past the box: a position no window holds, so the loop needs no key mask
+    kpt_w = tl.where(n_valid, kpt, -(1 << 20))
 
     # the queries whose windows reach the box: a box of query positions (module docstring)
     first_t = (t_off - rt + DT - 1) // DT
@@ -301,13 +289,13 @@ def local_bwd_dkdv(
         q_base = Q + b * sq_b + n * sq_n
         do_base = DO + b * sdo_b + n * sdo_n
         for start in range(0, full_end, BLOCK_M):
-            dk, dv = dkdv_step(start, walk, k, v, kpt, kpy, kpx, k_index, n_valid, dk, dv,
+            dk, dv = dkdv_step(start, walk, k, v, kpt_w, kpy, kpx, k_index, dk, dv,
                                q_base, do_base, sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d,
                                Lse, Delta, Arg, G, bnq, S_Q, t_off, H, W, D, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx,
                                DT, DH, DW, LT, LH, LW, KT, KH, KW, scale,
                                CAUSAL, SHIFT, NUM_OBJ, BLOCK_D, DOT_PRECISION, DOT_FP32, BLOCK_M)
         if full_end < walk:
-            dk, dv = dkdv_step(full_end, walk, k, v, kpt, kpy, kpx, k_index, n_valid, dk, dv,
+            dk, dv = dkdv_step(full_end, walk, k, v, kpt_w, kpy, kpx, k_index, dk, dv,
                                q_base, do_base, sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d,
                                Lse, Delta, Arg, G, bnq, S_Q, t_off, H, W, D, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx,
                                DT, DH, DW, LT, LH, LW, KT, KH, KW, scale,
@@ -319,9 +307,11 @@ def local_bwd_dkdv(
 
 
 local_bwd_dq_tuned = triton.autotune(
-    CONFIGS_DQ, key=TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(local_bwd_dq)
+    CONFIGS_DQ, key=TUNE_KEY,
+    prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS_DQ, MAX_HEAD_DIM_DQ)})(local_bwd_dq)
 local_bwd_dkdv_tuned = triton.autotune(
-    CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})(local_bwd_dkdv)
+    CONFIGS_DKDV, key=TUNE_KEY,
+    prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS_DKDV, MAX_HEAD_DIM_DKDV)})(local_bwd_dkdv)
 
 AOT_HEAD_DIMS = (32, 64, 128)
 AOT_SPECS = [
@@ -329,14 +319,14 @@ AOT_SPECS = [
         f"local_bwd_{part}[d{d}]", kernel, outputs,
         dict(GROUP=2, T_Q=4, KT=3, KH=7, KW=7, DT=1, DH=2, DW=2, D=d),
         dict(CAUSAL=True, NUM_OBJ=3, BLOCK_O=4, BLOCK_D=d, DOT_PRECISION="ieee", DOT_FP32=False, SHIFT=True),
-        configs_for(configs, d, part),
+        configs_up_to(configs, configs, max_dims, d),
         f"bf16, contiguous (1, 8, 4, 32, 32, {d}), kernel (3, 7, 7), dilation (1, 2, 2), GQA group 2, shift, "
         "causal, 3 objects",
     )
     for d in AOT_HEAD_DIMS
-    for part, kernel, outputs, configs in (
-        ("dq", local_bwd_dq, ("DQ",), CONFIGS_DQ),
-        ("dkdv", local_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV),
+    for part, kernel, outputs, configs, max_dims in (
+        ("dq", local_bwd_dq, ("DQ",), CONFIGS_DQ, MAX_HEAD_DIM_DQ),
+        ("dkdv", local_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV, MAX_HEAD_DIM_DKDV),
     )
 ]
 
@@ -344,8 +334,9 @@ AOT_SPECS = [
 def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
                     interpret: bool, config_dq=None, config_dkdv=None) -> None:
     """Launch the dQ and the dK/dV kernels for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
-    residues = math.prod(p.dilation)
-    sizes = (p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *p.dilation, float(scale))
+    dilation = dilation_of(p)
+    residues = math.prod(dilation)
+    sizes = (p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *dilation, float(scale))
     grid_q = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"])) * residues * p.B * p.N,)  # noqa: E731
     grid_k = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"]), queries=False)  # noqa: E731
                         * residues * p.B * p.N_kv,)

@@ -42,20 +42,51 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from ._common import block_d, block_o, config_pruner, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
+from ._common import block_d, block_o, dot, forward_aot_specs, object_max_block, online_softmax_block, store_results
 from .launch import Problem, cdiv, run
 from .work import Work
 
 # TILE_* is the query box, BLOCK_M its size (read by the shared register-budget pruner),
 # BLOCK_N the keys per step. The first config is the interpreter's (and the work targets').
+# Each config is kept up to the head dim at which it compiles spill-free on sm_80 and sm_90a
+# (``python -m sst_triton.aot --check``): a gathered key block needs a 64-bit address per
+# element, so a second pipeline stage costs as many registers as the block itself.
 CONFIGS = [
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1),
     triton.Config({"TILE_T": 1, "TILE_H": 8, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"TILE_T": 2, "TILE_H": 8, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 8, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=1),
 ]
+MAX_HEAD_DIM = [128, 64, 64, 64, 64, 64]
+
+
+def configs_up_to(configs: list, table: list, max_dims: list, bd: int) -> list:
+    """The configs of ``configs`` (members of ``table``) whose head-dim cap in ``max_dims``
+    admits padded head dim ``bd``; the first of ``table`` when none does (head dims past
+    128: correct, not spill-checked)."""
+    kept = [c for c in configs if bd <= max_dims[_index(table, c)]]
+    return kept or [table[0]]
+
+
+def _index(table: list, config) -> int:
+    for i, c in enumerate(table):
+        if c is config or (c.kwargs == config.kwargs and c.num_warps == config.num_warps
+                           and c.num_stages == config.num_stages):
+            return i
+    raise ValueError(f"unknown config {config}")
+
+
+def head_dim_pruner(table: list, max_dims: list):
+    """``early_config_prune`` keeping the configs of ``table`` allowed at the call's BLOCK_D."""
+
+    def prune(configs, named_args, **kwargs):
+        return configs_up_to(list(configs), table, max_dims, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+
+    return prune
+
+
 TUNE_KEY = ["N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
             "SHIFT"]
 
@@ -71,6 +102,21 @@ def window(i, length, k, SHIFT: tl.constexpr):
         lo = tl.maximum(i - k // 2, 0)
         hi = tl.minimum(i + k // 2 + 1, length)
     return lo, hi
+
+
+@triton.jit
+def window_anchor(i, length, k, SHIFT: tl.constexpr):
+    """Anchor ``a(i)`` and width ``w`` of the window of position(s) ``i``: a key position
+    ``0 <= j < length`` is in it iff ``uint32(j - a(i)) < w`` (one compare per axis and one
+    vector per query instead of two). clip: ``|j - i| <= k // 2``; shift: ``w = min(k, length)``
+    keys from ``lo(i)``."""
+    if SHIFT:
+        a = tl.minimum(tl.maximum(i - k // 2, 0), tl.maximum(length - k, 0))
+        w = tl.minimum(length, k)
+    else:
+        a = i - k // 2
+        w = k + 0 * length
+    return a, tl.cast(w, tl.uint32)
 
 
 @triton.jit
@@ -145,10 +191,10 @@ def halo_split(halo, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def fwd_step(
-    start, halo, q, qpt, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi, m_i, l_i, acc, a_max, a_arg,
+    start, halo, q, qpt, at, ay, ax, wt, wh, ww, m_i, l_i, acc, a_max, a_arg,
     k_base, v_base, labels_base, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
     t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale_log2,
-    CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Halo keys ``start .. start + BLOCK_N - 1`` (those ``< halo``) into the running state
@@ -166,12 +212,16 @@ def fwd_step(
     v = tl.load(v_base + v_rows[:, None] + offs_d[None, :].to(tl.int64) * sv_d,
                 mask=n_valid[:, None] & d_valid[None, :], other=0.0)
     s = dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PRECISION, INTERPRET_BF16) * scale_log2
+    # keys past the halo get a position no window holds (one vector less than a mask);
+    # rows of queries past the box's edge are computed, never stored: no query mask
+    kpt = tl.where(n_valid, kpt, -(1 << 20))
     in_pattern = (
-        m_valid[:, None] & n_valid[None, :]
-        & (kpt[None, :] >= wt_lo[:, None]) & (kpt[None, :] < wt_hi[:, None])
-        & (kpy[None, :] >= wy_lo[:, None]) & (kpy[None, :] < wy_hi[:, None])
-        & (kpx[None, :] >= wx_lo[:, None]) & (kpx[None, :] < wx_hi[:, None])
+        ((kpt[None, :] - at[:, None]).to(tl.uint32) < wt)
+        & ((kpy[None, :] - ay[:, None]).to(tl.uint32) < wh)
+        & ((kpx[None, :] - ax[:, None]).to(tl.uint32) < ww)
     )
+    if CAUSAL:
+        in_pattern = in_pattern & (kpt[None, :] <= qpt[:, None])
     s = tl.where(in_pattern, s, float("-inf"))
     if NUM_OBJ > 0:
         key_labels = tl.load(labels_base + (kt * H + ky) * W + kx, mask=n_valid, other=-1)
@@ -228,11 +278,9 @@ def local_fwd(
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)
 
     # each query's own window, in positions
-    wt_lo, wt_hi = window(qpt, LT, KT, SHIFT)
-    wy_lo, wy_hi = window(qpy, LH, KH, SHIFT)
-    wx_lo, wx_hi = window(qpx, LW, KW, SHIFT)
-    if CAUSAL:
-        wt_hi = tl.minimum(wt_hi, qpt + 1)
+    at, wt = window_anchor(qpt, LT, KT, SHIFT)
+    ay, wh = window_anchor(qpy, LH, KH, SHIFT)
+    ax, ww = window_anchor(qpx, LW, KW, SHIFT)
     # the halo: the union of the box's windows, itself a box (module docstring)
     t_lo, _ = window(t0, LT, KT, SHIFT)
     _, t_hi = window(t1, LT, KT, SHIFT)
@@ -260,16 +308,16 @@ def local_fwd(
     full_end = halo_split(halo, BLOCK_N)
     for start in range(0, full_end, BLOCK_N):
         m_i, l_i, acc, a_max, a_arg = fwd_step(
-            start, halo, q, qpt, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi, m_i, l_i, acc, a_max, a_arg,
+            start, halo, q, qpt, at, ay, ax, wt, wh, ww, m_i, l_i, acc, a_max, a_arg,
             k_base, v_base, Labels + b * S, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
             t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale_log2,
-            CAUSAL_AFF, NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, INTERPRET_BF16, BLOCK_M, BLOCK_N)
+            CAUSAL, CAUSAL_AFF, NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, INTERPRET_BF16, BLOCK_M, BLOCK_N)
     if full_end < halo:
         m_i, l_i, acc, a_max, a_arg = fwd_step(
-            full_end, halo, q, qpt, m_valid, wt_lo, wt_hi, wy_lo, wy_hi, wx_lo, wx_hi, m_i, l_i, acc, a_max, a_arg,
+            full_end, halo, q, qpt, at, ay, ax, wt, wh, ww, m_i, l_i, acc, a_max, a_arg,
             k_base, v_base, Labels + b * S, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, H, W, D,
             t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW, scale_log2,
-            CAUSAL_AFF, NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, INTERPRET_BF16, BLOCK_M, BLOCK_N // 2)
+            CAUSAL, CAUSAL_AFF, NUM_OBJ, BLOCK_O, BLOCK_D, DOT_PRECISION, INTERPRET_BF16, BLOCK_M, BLOCK_N // 2)
 
     query_index = ((qt - t_off) * H + qy) * W + qx
     if NUM_OBJ > 0:
@@ -282,7 +330,7 @@ def local_fwd(
 
 
 local_fwd_tuned = triton.autotune(
-    CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": config_pruner()},
+    CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS, MAX_HEAD_DIM)},
 )(local_fwd)
 
 AOT_SPECS = forward_aot_specs(
@@ -290,6 +338,8 @@ AOT_SPECS = forward_aot_specs(
     dict(GROUP=2, T_Q=4, KT=3, KH=7, KW=7, DT=1, DH=2, DW=2), dict(CAUSAL=True, CAUSAL_AFF=True, SHIFT=False),
     "kernel (3, 7, 7), dilation (1, 2, 2), GQA group 2, clip, causal",
 )
+for _spec in AOT_SPECS:
+    _spec.configs = configs_up_to(CONFIGS, CONFIGS, MAX_HEAD_DIM, _spec.constexprs["BLOCK_D"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,10 +347,17 @@ AOT_SPECS = forward_aot_specs(
 # ---------------------------------------------------------------------------------------
 
 
+def dilation_of(p: Problem) -> tuple[int, int, int]:
+    """The dilation the kernels run: ``min(d, L)`` per axis. A dilation at or past an axis
+    makes every cell its own sub-sequence of one position, as ``d = L`` does, and would
+    only add residues with no cell."""
+    return tuple(min(d, L) for d, L in zip(p.dilation, (p.T, p.H, p.W)))
+
+
 def boxes(p: Problem, tile: tuple[int, int, int], queries: bool = True) -> int:
     """Boxes per residue: of query positions (``queries``) or of key positions."""
     frames = p.T_q if queries else p.T
-    return math.prod(cdiv(cdiv(L, d), t) for L, d, t in zip((frames, p.H, p.W), p.dilation, tile))
+    return math.prod(cdiv(cdiv(L, d), t) for L, d, t in zip((frames, p.H, p.W), dilation_of(p), tile))
 
 
 def tile_of(config) -> tuple[int, int, int]:
@@ -311,9 +368,10 @@ def tile_of(config) -> tuple[int, int, int]:
 def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
                    interpret: bool, config=None) -> None:
     """Launch :func:`local_fwd` for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
-    residues = math.prod(p.dilation)
+    dilation = dilation_of(p)
+    residues = math.prod(dilation)
     grid = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"])) * residues * p.B * p.N,)  # noqa: E731
-    args = (*pointers, *strides, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *p.dilation,
+    args = (*pointers, *strides, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *dilation,
             scale_log2)
     run(sys.modules[__name__], "local_fwd", grid, args, {**meta, "SHIFT": p.pattern.boundary == "shift"},
         interpret=interpret, configs=CONFIGS, config=config,
@@ -369,16 +427,17 @@ def box_walks(p: Problem, tile: tuple[int, int, int], inverse: bool):
     kernel = p.pattern.kernel_size
     shift = p.pattern.boundary == "shift"
     frames = (p.T, p.H, p.W)
+    dil = dilation_of(p)
     walked = np.zeros(frames, dtype=bool)
     out = []
-    for rt in range(p.dilation[0]):
-        for ry in range(p.dilation[1]):
-            for rx in range(p.dilation[2]):
+    for rt in range(dil[0]):
+        for ry in range(dil[1]):
+            for rx in range(dil[2]):
                 r = (rt, ry, rx)
-                lengths = [-(-(L - ri) // d) for L, ri, d in zip(frames, r, p.dilation)]
-                first_t = -(-(p.t_off - rt) // p.dilation[0]) if p.t_off > rt else 0
-                n_t = cdiv(cdiv(p.T_q if not inverse else p.T, p.dilation[0]), tile[0])
-                counts = [n_t, cdiv(cdiv(p.H, p.dilation[1]), tile[1]), cdiv(cdiv(p.W, p.dilation[2]), tile[2])]
+                lengths = [-(-(L - ri) // d) for L, ri, d in zip(frames, r, dil)]
+                first_t = -(-(p.t_off - rt) // dil[0]) if p.t_off > rt else 0
+                n_t = cdiv(cdiv(p.T_q if not inverse else p.T, dil[0]), tile[0])
+                counts = [n_t, cdiv(cdiv(p.H, dil[1]), tile[1]), cdiv(cdiv(p.W, dil[2]), tile[2])]
                 axes = []
                 for a in range(3):
                     axes.append(axis_boxes(
@@ -402,7 +461,7 @@ def box_walks(p: Problem, tile: tuple[int, int, int], inverse: bool):
                 # but only when every axis has a box with a non-empty span on the others too
                 if all(m.any() for m in masks):
                     cube = masks[0][:, None, None] & masks[1][None, :, None] & masks[2][None, None, :]
-                    walked[rt::p.dilation[0], ry::p.dilation[1], rx::p.dilation[2]] |= cube
+                    walked[rt::dil[0], ry::dil[1], rx::dil[2]] |= cube
     return out, walked
 
 
