@@ -55,7 +55,7 @@ def _check_forward(shape, causal, causal_affinity, labels, config):
 CONFIG_CASES = [
     # 16-wide tiles: 2 query tiles and 2 key blocks along both the row (W=18) and the column (H=17)
     (0, (1, 1, 1, 1, 2, 17, 18, 8)),
-    # wider tiles: W=40 is two key blocks of 32 along the row, a partial block of 64
+    # wider tiles: W=40 is two key blocks of 32 along the row; W=36 two query tiles of 32
     (1, (1, 2, 1, 2, 3, 5, 40, 16)),
     (2, (1, 1, 1, 2, 2, 3, 40, 8)),
     (3, (1, 1, 1, 1, 3, 4, 36, 24)),
@@ -132,6 +132,7 @@ BACKWARD_CONFIG_CASES = [
     (0, (1, 2, 1, 1, 2, 17, 18, 8)),  # 2 tiles and 2 blocks per axis, GQA, a frame without queries
     (1, (1, 1, 1, 2, 2, 3, 36, 8)),
     (2, (1, 1, 1, 2, 2, 3, 36, 8)),
+    (3, (1, 1, 1, 2, 2, 3, 36, 8)),
 ]
 
 

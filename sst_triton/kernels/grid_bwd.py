@@ -34,7 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import config_pruner
 from .common_bwd import (
     aot_spec,
     dkdv_block,
@@ -46,22 +45,30 @@ from .common_bwd import (
     object_grad_pairs,
     store_cells,
 )
+from .grid_fwd import configs_at, head_dim_pruner
 from .launch import Problem, cdiv, check_grid, run
 from .work import Work
 
 # The first configuration is the interpreter's (16-wide tiles: the least padding at the
-# SST shapes, see :func:`work_backward`); the others are for the GPU (BLOCK >= 64 where
-# Hopper's wgmma applies to the tile's own side).
+# SST shapes, see :func:`work_backward`); the others are for the GPU (64 rows on the tile's
+# own side where Hopper's wgmma applies). ``*_BY_HEAD_DIM``: those that compile spill-free
+# on sm_80 and sm_90a (``python -m sst_triton.aot --check``) per padded head dim. The dK/dV
+# row pass is the heaviest kernel (key, value, dK, dV rows of the tile live across the
+# query-row blocks and the time-line vectors): at d = 128 only 16-key tiles with 8 warps fit.
 CONFIGS_DQ = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
+CONFIGS_DQ_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 1, 2), 128: (0, 3)}
 CONFIGS_DKDV = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
+CONFIGS_DKDV_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 2), 128: (3,)}
 TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUSAL"]
 
 
@@ -372,15 +379,16 @@ def grid_bwd_dkdv_cols(
     store_cells(DV + bk * S * D, dv, k_index, n_valid, D, BLOCK_D)
 
 
-_prune = {"early_config_prune": config_pruner()}
-grid_bwd_dq_rows_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dq_rows)
-grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dq_cols)
-grid_bwd_dkdv_rows_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dkdv_rows)
-grid_bwd_dkdv_cols_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_dkdv_cols)
+_prune_dq = {"early_config_prune": head_dim_pruner(CONFIGS_DQ_BY_HEAD_DIM)}
+_prune_dkdv = {"early_config_prune": head_dim_pruner(CONFIGS_DKDV_BY_HEAD_DIM)}
+grid_bwd_dq_rows_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq)(grid_bwd_dq_rows)
+grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq)(grid_bwd_dq_cols)
+grid_bwd_dkdv_rows_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_rows)
+grid_bwd_dkdv_cols_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_cols)
 
 
 def _aot_specs():
-    from ._common import configs_for, example_scalars
+    from ._common import example_scalars
 
     specs = []
     for d in (32, 64, 128):
@@ -388,14 +396,14 @@ def _aot_specs():
         example.update({f"sdo_{axis}": example[f"sq_{axis}"] for axis in ("b", "n", "t", "h", "w", "d")})
         note = f"bf16, contiguous (1, 8, 4, 32, 32, {d}), GQA group 2, causal, 3 objects"
         fixed = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=d, DOT_PRECISION="ieee", DOT_FP32=False)
-        for name, kernel, outputs, configs in (
-            ("dq_rows", grid_bwd_dq_rows, ("DQ",), CONFIGS_DQ),
-            ("dq_cols", grid_bwd_dq_cols, ("DQ",), CONFIGS_DQ),
-            ("dkdv_rows", grid_bwd_dkdv_rows, ("DK", "DV"), CONFIGS_DKDV),
-            ("dkdv_cols", grid_bwd_dkdv_cols, ("DK", "DV"), CONFIGS_DKDV),
+        for name, kernel, outputs, configs, by_dim in (
+            ("dq_rows", grid_bwd_dq_rows, ("DQ",), CONFIGS_DQ, CONFIGS_DQ_BY_HEAD_DIM),
+            ("dq_cols", grid_bwd_dq_cols, ("DQ",), CONFIGS_DQ, CONFIGS_DQ_BY_HEAD_DIM),
+            ("dkdv_rows", grid_bwd_dkdv_rows, ("DK", "DV"), CONFIGS_DKDV, CONFIGS_DKDV_BY_HEAD_DIM),
+            ("dkdv_cols", grid_bwd_dkdv_cols, ("DK", "DV"), CONFIGS_DKDV, CONFIGS_DKDV_BY_HEAD_DIM),
         ):
             spec = aot_spec(f"grid_bwd_{name}[d{d}]", kernel, outputs, dict(example, B=1, GROUP=2, T_Q=4), fixed,
-                            configs_for(configs, d), note)
+                            configs_at(configs, by_dim, d), note)
             for part in ("Part", "PartK", "PartV"):
                 spec.pointers[part] = "*fp32"
             specs.append(spec)

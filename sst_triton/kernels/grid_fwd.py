@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    config_pruner,
     dot,
     forward_aot_specs,
     object_max_block,
@@ -53,13 +52,37 @@ from .work import Work
 
 # The first configuration is the interpreter's (and the one the issue-11 counts use): 16-wide
 # tiles pad W = 40 to 48 and H = 24 to 32, the least exponentials at the SST shapes. The
-# others are for the GPU: BLOCK_M >= 64 so that Hopper's wgmma applies.
+# others are for the GPU: BLOCK_M >= 64 so that Hopper's wgmma applies (d <= 64).
 CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
 ]
+# Which of them compile spill-free on sm_80 and sm_90a (``python -m sst_triton.aot --check``),
+# per padded head dim: at 128 the 64-query tiles spill in the row pass (its time-line
+# vectors hold [BLOCK_M, BLOCK_D] key and value rows besides the accumulator); at 32 ptxas
+# caps the column pass of the last one at 168 registers on sm_90a and spills 20 bytes.
+CONFIGS_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 1, 2, 3), 128: (0, 3)}
+
+
+def configs_at(configs: list, by_head_dim: dict, block_d: int) -> list:
+    """The configurations of ``configs`` kept at padded head dim ``block_d`` (the largest
+    listed dim for anything wider: correct, not spill-checked)."""
+    dims = sorted(by_head_dim)
+    dim = next((d for d in dims if block_d <= d), dims[-1])
+    return [configs[i] for i in by_head_dim[dim]]
+
+
+def head_dim_pruner(by_head_dim: dict):
+    """``early_config_prune`` keeping :func:`configs_at` for the call's ``BLOCK_D``."""
+
+    def prune(configs, named_args, **kwargs):
+        return configs_at(list(configs), by_head_dim, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+
+    return prune
+
+
 TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUSAL", "CAUSAL_AFF"]
 
 
@@ -276,7 +299,7 @@ def grid_fwd_cols(
     )
 
 
-_prune = {"early_config_prune": config_pruner()}
+_prune = {"early_config_prune": head_dim_pruner(CONFIGS_BY_HEAD_DIM)}
 grid_fwd_rows_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_rows)
 grid_fwd_cols_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_cols)
 # both passes share one configuration list and pruner: the module's representative
@@ -291,6 +314,7 @@ def _aot_specs():
             "GQA group 2, causal, causal_affinity=False (objects in every phase)",
         ):
             spec.pointers["Part"] = "*fp32"
+            spec.configs = configs_at(CONFIGS, CONFIGS_BY_HEAD_DIM, spec.constexprs["BLOCK_D"])
             specs.append(spec)
     return specs
 
