@@ -76,22 +76,28 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(dim, int(dim * mlp_ratio))
 
     def forward(
-        self, x: torch.Tensor, labels: torch.Tensor, num_objects: int
+        self, x: torch.Tensor, labels: torch.Tensor, num_objects: int, newest_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args:
             x: ``(B, C, T, H, W)``.
             labels: ``(B, T, H, W)`` ids in ``[-1, num_objects)``, ``-1`` unknown.
+            newest_only: compute only the newest frame's output (the last layer: nothing reads
+                the other frames' outputs), its queries against every frame's keys.
 
         Returns:
-            ``(B, C, T, H, W)`` and the current frame's affinities ``(B, heads, O, H, W)``.
+            ``(B, C, T, H, W)`` (``T = 1`` with ``newest_only``) and the current frame's
+            affinities ``(B, heads, O, H, W)``.
         """
         h = self.norm1(rearrange(x, "b c t h w -> b t h w c"))
-        y, affinity = self._attend(h, labels, num_objects)
+        y, affinity = self._attend(h, labels, num_objects, newest_only)
+        if newest_only:
+            x = x[:, :, -1:]
         x = rearrange(x, "b c t h w -> b t h w c") + y
         x = x + self.ffn(self.norm2(x))
         return rearrange(x, "b t h w c -> b c t h w"), affinity
 
-    def _attend(self, h: torch.Tensor, labels: torch.Tensor, num_objects: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend(self, h: torch.Tensor, labels: torch.Tensor, num_objects: int,
+                newest_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of every frame, and object affinities of the newest frame only.
 
         The decoder reads only the current frame's affinities, so they are computed by a
@@ -103,7 +109,8 @@ class EncoderLayer(nn.Module):
             h: normalised ``(B, T, H, W, C)``.
 
         Returns:
-            ``(B, T, H, W, C)`` attention output and affinities ``(B, heads, O, H, W)``.
+            ``(B, T, H, W, C)`` attention output (``T = 1`` with ``newest_only``: that frame's
+            output comes from the same call as its affinities) and affinities ``(B, heads, O, H, W)``.
         """
         attn = self.attn
         # views of the fused projection: the kernels take any strides, so nothing is copied
@@ -113,9 +120,9 @@ class EncoderLayer(nn.Module):
         for i, pattern in enumerate(attn.patterns):
             heads, kv = slice(i * group, (i + 1) * group), slice(i * kv_group, (i + 1) * kv_group)
             qh, kh, vh = q[:, heads], k[:, kv], v[:, kv]
-            outs.append(sparse_attention(qh, kh, vh, pattern, attn.scale, backend=attn.backend))
-            _, aff = sparse_attention(qh[:, :, -1:], kh, vh, pattern, attn.scale, labels, num_objects,
-                                      backend=attn.backend)
+            newest, aff = sparse_attention(qh[:, :, -1:], kh, vh, pattern, attn.scale, labels, num_objects,
+                                           backend=attn.backend)
+            outs.append(newest if newest_only else sparse_attention(qh, kh, vh, pattern, attn.scale, backend=attn.backend))
             affs.append(aff[:, :, :, 0])
         out = rearrange(torch.cat(outs, dim=1), "b n t h w d -> b t h w (n d)")
         return attn.proj(out), torch.cat(affs, dim=1)
@@ -164,8 +171,8 @@ class SparseEncoder(nn.Module):
             and head ``(B, L * heads, O, H, W)``.
         """
         affinities = []
-        for layer in self.layers:
-            x, affinity = layer(x, labels, num_objects)
+        for i, layer in enumerate(self.layers):
+            x, affinity = layer(x, labels, num_objects, newest_only=(i == len(self.layers) - 1))
             affinities.append(affinity)
         out = self.norm(rearrange(x[:, :, -1], "b c h w -> b h w c"))
         return rearrange(out, "b h w c -> b c h w"), torch.cat(affinities, dim=1)

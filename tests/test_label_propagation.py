@@ -109,3 +109,24 @@ def test_feature_propagator_follows_a_moving_square():
         inter = ((ids[t] == 1) & (masks[t] == 1)).sum()
         union = ((ids[t] == 1) | (masks[t] == 1)).sum()
         assert inter / union > 0.7, f"frame {t}: IoU {float(inter / union):.2f}"
+
+
+def test_encoder_computing_only_what_the_decoder_reads_equals_the_full_computation():
+    """The last layer computes only the newest frame (its output and affinities); every frame of
+    every layer through SparseAttention3d's own forward gives the same encoding and affinities."""
+    model = SST(attn="strided", dim=16, depth=2, heads=2, stride=(1, 2, 2)).eval()
+    x = torch.randn(1, 16, 3, 6, 8)
+    labels = torch.randint(-1, 3, (1, 3, 6, 8))
+    labels[:, -1] = -1
+    with torch.no_grad():
+        encoding, affinity = model.encoder(x, labels, 3)
+        ref, ref_aff = x, []
+        for layer in model.encoder.layers:
+            h = rearrange(layer.norm1(rearrange(ref, "b c t h w -> b t h w c")), "b t h w c -> b c t h w")
+            y, aff = layer.attn(h, labels, 3)
+            ref = rearrange(ref + y, "b c t h w -> b t h w c")
+            ref = rearrange(ref + layer.ffn(layer.norm2(ref)), "b t h w c -> b c t h w")
+            ref_aff.append(aff[:, :, :, -1])
+        ref = rearrange(model.encoder.norm(rearrange(ref[:, :, -1], "b c h w -> b h w c")), "b h w c -> b c h w")
+    torch.testing.assert_close(encoding, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(affinity, torch.cat(ref_aff, dim=1), atol=1e-6, rtol=1e-5)
