@@ -380,7 +380,7 @@ def _contenders(b: Bench, device: torch.device) -> dict[str, Callable[[bool], Ca
         if not backward:
             def run():
                 with torch.no_grad():
-                    fn_forward(*xs)
+                    return fn_forward(*xs)
             return run
         grad = None
 
@@ -469,6 +469,7 @@ def timings(report: Report, device: torch.device, benches: Optional[list] = None
     print(f"{'case':<34}{'pass':<9}{'impl':<18}{'ms':>9}{'uTFLOP/s':>10}{'GB/s':>8}{'%HBM':>7}{'%TC':>7}"
           f"{'t/ours':>8}", flush=True)
     ours: dict = {}
+    reference_out: dict = {}  # our forward output per case: the masked baselines must agree with it
     for impl in impls:
         for b in benches:
             pairs = useful_pairs(b)
@@ -489,9 +490,11 @@ def timings(report: Report, device: torch.device, benches: Optional[list] = None
                     if make is None:
                         raise RuntimeError(setup_error)
                     fn = make(backward)
-                    fn()  # compile / autotune outside the timing
+                    first = fn()  # compile / autotune outside the timing
                     if device.type == "cuda":
                         torch.cuda.synchronize()
+                    if not backward:
+                        _agreement(row, impl, b, first, reference_out)
                     ms = _time_ms(fn, device)
                     row.update(ms=ms, useful_tflops=flops / ms / 1e9, gb_per_s=moved / ms / 1e6)
                     row.update(fraction_hbm=row["gb_per_s"] * 1e9 / peak_bw,
@@ -514,14 +517,28 @@ def timings(report: Report, device: torch.device, benches: Optional[list] = None
     return rows
 
 
+def _agreement(row: dict, impl: str, b: Bench, out, reference_out: dict) -> None:
+    """Keep our forward output; for the baselines computing the same pattern (masked SDPA,
+    FlexAttention) record their largest difference from it: a timing of a wrong mask is
+    worthless. Dense flash SDPA attends everything: not compared."""
+    out = out[0] if isinstance(out, tuple) else out
+    if impl == "sst_triton":
+        reference_out[b.name] = out.detach().reshape(b.B, b.N, -1, b.D)
+    elif impl in ("sdpa_masked", "flex") and b.name in reference_out:
+        diff = (out.detach().float() - reference_out[b.name].float()).abs().max().item()
+        row["max_abs_diff_vs_ours"] = diff
+        row["agrees_with_ours"] = diff <= 5e-2  # bf16 outputs of O(1): a few ulps
+
+
 def _print_timing(row: dict) -> None:
     head = f"{row['case']:<34}{row['passes']:<9}{row['impl']:<18}"
     if "ms" not in row:
         print(head + f"  {row.get('error') or row.get('skipped')}", flush=True)
         return
+    agree = {True: "", False: "  DISAGREES with ours"}.get(row.get("agrees_with_ours"), "")
     print(head + f"{row['ms']:>9.3f}{row['useful_tflops']:>10.1f}{row['gb_per_s']:>8.0f}"
           f"{100 * row['fraction_hbm']:>6.1f}%{100 * row['fraction_tensor_core']:>6.1f}%"
-          f"{row.get('time_over_ours', float('nan')):>8.2f}", flush=True)
+          f"{row.get('time_over_ours', float('nan')):>8.2f}{agree}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
