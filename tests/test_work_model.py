@@ -46,7 +46,7 @@ def _problems(kind: str) -> list[tuple[str, Problem]]:
     first, second = PATTERNS[kind]
     return [
         ("objects", Problem(1, 1, 1, T, T, H, W, D, first, num_obj=3)),
-        ("plain-B2", Problem(2, 1, 1, T, T, H, W, D, first)),
+        ("plain-B2", Problem(2, 1, 1, 2, 2, 5, W, 16, first)),
         ("causal-objects", Problem(1, 1, 1, T, T, H, W, D, second, num_obj=2)),
         ("gqa-streaming", Problem(1, 2, 1, 1, T, H, W, D, second, num_obj=2)),
     ]
