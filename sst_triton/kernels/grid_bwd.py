@@ -25,6 +25,11 @@ per query and key:
 Grids fold everything on axis 0: ``cdiv(W, BLOCK) * T_Q * H * B * N`` (dQ rows),
 ``cdiv(H, BLOCK) * T_Q * W * B * N`` (dQ columns), ``cdiv(W, BLOCK) * T * H * B * N_kv`` and
 ``cdiv(H, BLOCK) * T * W * B * N_kv`` (dK/dV).
+
+Work at T, H, W = 4, 24, 40, D = 32, 3 objects, first configurations (:func:`work_backward`,
+equal to the instrumented interpreter's counts): E = 1.57 softmax elements per useful pair
+for dQ and for dK/dV, L = 2.38 and 2.29 (the one-pass design with per-query column and time
+vectors: E = 2.23, L = 14.9-15.3).
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ keys are one dense ``[BLOCK_M, W]`` problem (``tl.dot``, ``BLOCK_N`` keys at a t
 time keys ``(t', y, x)`` of the tile are a contiguous row segment per frame ``t'``, one key
 per query: ``T - 1`` vector products (a time line has ``T`` keys, fewer than the 16 rows or
 columns ``tl.dot`` needs on either side). Each key is loaded once per tile. It writes the
-partial state: normalised partial output (``Part``, float32), base-2 log-sum-exp (``Lse``),
-and per object the best base-2 logit (``Aff``) and its key (``Arg``).
+partial state: normalised partial output (``Part``: float32, ``Out`` itself when that is
+float32, so a 16-bit result is rounded once), base-2 log-sum-exp (``Lse``), and per object
+the best base-2 logit (``Aff``) and its key (``Arg``).
 
 ``grid_fwd_cols``: ``BLOCK_M`` consecutive queries of one column ``(t, y0 ..., x)`` against
 the column keys ``(t, *, x)`` (the query itself masked out): again one dense problem per
@@ -28,7 +29,8 @@ Work at T, H, W = 4, 24, 40 (``CONFIGS[0]``, see :func:`work_forward`): a query 
 ``ceil(W/16)*17 + 2*(T-1)`` exponentials in the row pass (padding ``W`` to 48) and
 ``ceil(H/16)*17 + 6`` in the column pass; each key is read ``ceil(W/BLOCK_M)`` times as a
 row key, ``ceil(H/BLOCK_M)`` times as a column key and once per other query frame as a
-time key.
+time key: E = 1.84 softmax elements per useful pair, L = 2.66 (the one-pass design with
+per-query column and time vectors issued E = 3.05, L = 18.8).
 """
 from __future__ import annotations
 
