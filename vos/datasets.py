@@ -140,7 +140,7 @@ def youtube_vos(root: str | os.PathLike, split: str = "train") -> list[VideoSequ
             i = index[frames[0]]
             if seq.masks[i] is None:
                 raise ValueError(
-                    f"{base / 'Annotations' / name / (frames[0] + '.png')}: mask listed in {meta_path} does not exist"
+                    f"{base / 'Annotations' / name / (frames[0] + MASK_SUFFIX)}: mask listed in {meta_path} does not exist"
                 )
             seq.first_frames[int(obj)] = i
         sequences.append(seq)

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .files import save_json, write_text
-from .layout import MASK_MODE_HELP, MASK_MODES, davis_annotations, davis_split_file, masks_in
+from .layout import MASK_MODE_HELP, MASK_MODES, MASK_SUFFIX, davis_annotations, davis_split_file, masks_in
 from .masks import read_mask
 from .metrics import GLOBAL_KEYS, VOID_ID, per_sequence_means, score_sequence, summarize
 
@@ -60,7 +60,7 @@ def find_ground_truth(root: str | os.PathLike, sequences: Optional[Sequence[str]
         for d in sorted(p for p in root.iterdir() if p.is_dir()):
             if (d / "Annotations").is_dir():
                 found[d.name] = d / "Annotations"
-            elif any(p.suffix.lower() == ".png" for p in d.iterdir()):
+            elif masks_in(d):
                 found[d.name] = d
     if sequences is not None:
         unknown = [s for s in sequences if s not in found]
@@ -121,7 +121,7 @@ def check_predictions(pred_root: str | os.PathLike, gt: Sequence[GTSequence]) ->
         paths = []
         for gt_path in seq.masks[1:-1]:
             _check_mask_header(gt_path, size, seq.masks[0])
-            path = folder / f"{gt_path.stem}.png"
+            path = folder / f"{gt_path.stem}{MASK_SUFFIX}"
             if not path.is_file():
                 raise ValueError(f"{path}: prediction missing for ground-truth frame {gt_path}")
             _check_mask_header(path, size, gt_path)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .config import RunConfig
+from .layout import MASK_SUFFIX
 from .masks import write_mask
 from .metrics import VOID_ID, score_sequence, summarize
 from .scoring import warn_ground_truth
@@ -114,7 +115,7 @@ def _write_video(out_dir: Path, video: Video, frames: np.ndarray, pred: np.ndarr
 
     mask_dir = out_dir / "masks" / ("Annotations" if video.youtube else "") / video.name
     for name, m in zip(video.frame_names, pred):
-        write_mask(mask_dir / f"{name}.png", m)
+        write_mask(mask_dir / f"{name}{MASK_SUFFIX}", m)
     if overlays:
         blended = [overlay(f, m) for f, m in zip(_as_uint8(frames), pred)]
         for name, img in zip(video.frame_names, blended):

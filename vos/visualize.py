@@ -6,7 +6,6 @@ matches the palette PNG written for the same frame.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
