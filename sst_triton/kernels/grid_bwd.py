@@ -390,6 +390,9 @@ grid_bwd_dq_rows_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs
 grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq)(grid_bwd_dq_cols)
 grid_bwd_dkdv_rows_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_rows)
 grid_bwd_dkdv_cols_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_cols)
+# each pass pair shares one configuration list and pruner: the representatives of dQ and dK/dV
+grid_bwd_dq_tuned = grid_bwd_dq_rows_tuned
+grid_bwd_dkdv_tuned = grid_bwd_dkdv_rows_tuned
 
 
 def _aot_specs():
