@@ -184,3 +184,19 @@ def test_work_model_meets_issue_11_at_its_shape():
         dq, dkdv = grid_bwd.work_backward(p, grid_bwd.CONFIGS_DQ[0], grid_bwd.CONFIGS_DKDV[0])
         for work in (fwd, dq, dkdv):
             assert work.exp / useful_pairs(p) <= 2.0 and work.reuse <= 6.0
+
+
+def test_autotuned_column_passes_restore_what_they_update_in_place():
+    """On CUDA the autotuner runs each configuration several times: a column pass reads the
+    row pass's state from the buffers it then overwrites (Lse, Aff, Arg, and Out / dQ / dK /
+    dV when float32 makes them the partial), so every benchmark run must restore them."""
+    assert set(grid_fwd.grid_fwd_cols_tuned.restore_value) == {"Out", "Lse", "Aff", "Arg"}
+    assert grid_bwd.grid_bwd_dq_cols_tuned.restore_value == ["DQ"]
+    assert set(grid_bwd.grid_bwd_dkdv_cols_tuned.restore_value) == {"DK", "DV"}
+    # the row passes only write: nothing to restore
+    for tuned in (grid_fwd.grid_fwd_rows_tuned, grid_bwd.grid_bwd_dq_rows_tuned, grid_bwd.grid_bwd_dkdv_rows_tuned):
+        assert not tuned.restore_value
+    # and the partial really is the output itself in float32 (the in-place case)
+    out = torch.empty(2, 3)
+    assert grid_fwd._partial(out) is out and grid_bwd._partial(out, torch.float32) is out
+    assert grid_fwd._partial(out.half()).dtype == torch.float32

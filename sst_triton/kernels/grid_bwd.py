@@ -387,9 +387,13 @@ def grid_bwd_dkdv_cols(
 _prune_dq = {"early_config_prune": head_dim_pruner(CONFIGS_DQ_BY_HEAD_DIM)}
 _prune_dkdv = {"early_config_prune": head_dim_pruner(CONFIGS_DKDV_BY_HEAD_DIM)}
 grid_bwd_dq_rows_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq)(grid_bwd_dq_rows)
-grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq)(grid_bwd_dq_cols)
+# a column pass adds to the row pass's partial in place when the partial is the output itself
+# (float32 gradients): each benchmark run of the autotuner must start from the partial
+grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq,
+                                         restore_value=["DQ"])(grid_bwd_dq_cols)
 grid_bwd_dkdv_rows_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_rows)
-grid_bwd_dkdv_cols_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_cols)
+grid_bwd_dkdv_cols_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv,
+                                           restore_value=["DK", "DV"])(grid_bwd_dkdv_cols)
 # each pass pair shares one configuration list and pruner: the representatives of dQ and dK/dV
 grid_bwd_dq_tuned = grid_bwd_dq_rows_tuned
 grid_bwd_dkdv_tuned = grid_bwd_dkdv_rows_tuned

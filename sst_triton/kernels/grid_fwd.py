@@ -303,7 +303,10 @@ def grid_fwd_cols(
 
 _prune = {"early_config_prune": head_dim_pruner(CONFIGS_BY_HEAD_DIM)}
 grid_fwd_rows_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_rows)
-grid_fwd_cols_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_cols)
+# the column pass updates the row pass's state in place (Lse, Aff, Arg; Out when it is the
+# partial): each benchmark run of the autotuner must start from the row pass's values
+grid_fwd_cols_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune,
+                                      restore_value=["Out", "Lse", "Aff", "Arg"])(grid_fwd_cols)
 # both passes share one configuration list and pruner: the module's representative
 grid_fwd_tuned = grid_fwd_rows_tuned
 
