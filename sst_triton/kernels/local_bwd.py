@@ -46,16 +46,15 @@ CONFIGS_DQ = [
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1),
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 1, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
 ]
-MAX_HEAD_DIM_DQ = [64, 64, 64, 64, 128]
+HEAD_DIMS_DQ = [(32, 64), (32, 64), (32, 64), (32,), (32, 64), (128,)]
+# the interpreter's config has 8 warps: at 4 warps the same tiles spill at D = 32 on sm_80
 CONFIGS_DKDV = [
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=1),
-    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=8, num_stages=1),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=1),
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1),
 ]
-MAX_HEAD_DIM_DKDV = [64, 64, 64, 64, 128]
+HEAD_DIMS_DKDV = [(32, 64, 128), (64,)]
 TUNE_KEY = ["N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
             "SHIFT"]
 
@@ -308,10 +307,10 @@ def local_bwd_dkdv(
 
 local_bwd_dq_tuned = triton.autotune(
     CONFIGS_DQ, key=TUNE_KEY,
-    prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS_DQ, MAX_HEAD_DIM_DQ)})(local_bwd_dq)
+    prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS_DQ, HEAD_DIMS_DQ)})(local_bwd_dq)
 local_bwd_dkdv_tuned = triton.autotune(
     CONFIGS_DKDV, key=TUNE_KEY,
-    prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS_DKDV, MAX_HEAD_DIM_DKDV)})(local_bwd_dkdv)
+    prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS_DKDV, HEAD_DIMS_DKDV)})(local_bwd_dkdv)
 
 AOT_HEAD_DIMS = (32, 64, 128)
 AOT_SPECS = [
@@ -325,8 +324,8 @@ AOT_SPECS = [
     )
     for d in AOT_HEAD_DIMS
     for part, kernel, outputs, configs, max_dims in (
-        ("dq", local_bwd_dq, ("DQ",), CONFIGS_DQ, MAX_HEAD_DIM_DQ),
-        ("dkdv", local_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV, MAX_HEAD_DIM_DKDV),
+        ("dq", local_bwd_dq, ("DQ",), CONFIGS_DQ, HEAD_DIMS_DQ),
+        ("dkdv", local_bwd_dkdv, ("DK", "DV"), CONFIGS_DKDV, HEAD_DIMS_DKDV),
     )
 ]
 

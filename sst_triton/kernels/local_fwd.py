@@ -59,14 +59,16 @@ CONFIGS = [
     triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=1),
     triton.Config({"TILE_T": 2, "TILE_H": 8, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=1),
 ]
-MAX_HEAD_DIM = [128, 64, 64, 64, 64, 64]
+# the checked head dims (32, 64, 128) each config compiles spill-free at, on sm_80 and sm_90a
+HEAD_DIMS = [(32, 64, 128), (32, 64), (32, 64), (32, 64), (32, 64), (32, 64)]
 
 
-def configs_up_to(configs: list, table: list, max_dims: list, bd: int) -> list:
-    """The configs of ``configs`` (members of ``table``) whose head-dim cap in ``max_dims``
-    admits padded head dim ``bd``; the first of ``table`` when none does (head dims past
-    128: correct, not spill-checked)."""
-    kept = [c for c in configs if bd <= max_dims[_index(table, c)]]
+def configs_up_to(configs: list, table: list, head_dims: list, bd: int) -> list:
+    """The configs of ``configs`` (members of ``table``) checked spill-free at the head-dim
+    class of padded head dim ``bd`` (32, 64 or 128: the smallest at least ``bd``); the first
+    of ``table`` when none is (head dims past 128: correct, not spill-checked)."""
+    bucket = next((d for d in (32, 64, 128) if bd <= d), None)
+    kept = [c for c in configs if bucket in head_dims[_index(table, c)]]
     return kept or [table[0]]
 
 
@@ -78,11 +80,11 @@ def _index(table: list, config) -> int:
     raise ValueError(f"unknown config {config}")
 
 
-def head_dim_pruner(table: list, max_dims: list):
+def head_dim_pruner(table: list, head_dims: list):
     """``early_config_prune`` keeping the configs of ``table`` allowed at the call's BLOCK_D."""
 
     def prune(configs, named_args, **kwargs):
-        return configs_up_to(list(configs), table, max_dims, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+        return configs_up_to(list(configs), table, head_dims, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
 
     return prune
 
@@ -330,7 +332,7 @@ def local_fwd(
 
 
 local_fwd_tuned = triton.autotune(
-    CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS, MAX_HEAD_DIM)},
+    CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": head_dim_pruner(CONFIGS, HEAD_DIMS)},
 )(local_fwd)
 
 AOT_SPECS = forward_aot_specs(
@@ -339,7 +341,7 @@ AOT_SPECS = forward_aot_specs(
     "kernel (3, 7, 7), dilation (1, 2, 2), GQA group 2, clip, causal",
 )
 for _spec in AOT_SPECS:
-    _spec.configs = configs_up_to(CONFIGS, CONFIGS, MAX_HEAD_DIM, _spec.constexprs["BLOCK_D"])
+    _spec.configs = configs_up_to(CONFIGS, CONFIGS, HEAD_DIMS, _spec.constexprs["BLOCK_D"])
 
 
 # ---------------------------------------------------------------------------------------
