@@ -59,9 +59,6 @@ _SHAPES = """
         labels: ``(B, T, H, W)`` (the key frames)."""
 
 
-
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
