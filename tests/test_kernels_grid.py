@@ -188,15 +188,20 @@ def test_work_model_meets_issue_11_at_its_shape():
 
 def test_autotuned_column_passes_restore_what_they_update_in_place():
     """On CUDA the autotuner runs each configuration several times: a column pass reads the
-    row pass's state from the buffers it then overwrites (Lse, Aff, Arg, and Out / dQ / dK /
-    dV when float32 makes them the partial), so every benchmark run must restore them."""
+    row pass's state from the buffers it then overwrites (Lse, Aff, Arg, Out when float32
+    makes it the partial, dQ / dK / dV which always hold theirs), so every benchmark run must
+    restore them."""
     assert set(grid_fwd.grid_fwd_cols_tuned.restore_value) == {"Out", "Lse", "Aff", "Arg"}
     assert grid_bwd.grid_bwd_dq_cols_tuned.restore_value == ["DQ"]
     assert set(grid_bwd.grid_bwd_dkdv_cols_tuned.restore_value) == {"DK", "DV"}
     # the row passes only write: nothing to restore
     for tuned in (grid_fwd.grid_fwd_rows_tuned, grid_bwd.grid_bwd_dq_rows_tuned, grid_bwd.grid_bwd_dkdv_rows_tuned):
         assert not tuned.restore_value
-    # and the partial really is the output itself in float32 (the in-place case)
+    # the forward's partial is the output itself in float32 (the in-place case), a float32
+    # scratch otherwise (a 16-bit partial would add a rounding as large as the output's own)
     out = torch.empty(2, 3)
-    assert grid_fwd._partial(out) is out and grid_bwd._partial(out, torch.float32) is out
-    assert grid_fwd._partial(out.half()).dtype == torch.float32
+    assert grid_fwd._partial(out) is out and grid_fwd._partial(out.half()).dtype == torch.float32
+    # the backward's partial gradients are the gradients themselves, in every dtype: no scratch
+    for kernel in (grid_bwd.grid_bwd_dq_rows, grid_bwd.grid_bwd_dq_cols, grid_bwd.grid_bwd_dkdv_rows,
+                   grid_bwd.grid_bwd_dkdv_cols):
+        assert not [name for name in kernel.arg_names if name.startswith("Part")], kernel.fn.__name__

@@ -11,20 +11,27 @@ cores, and the time line (``T`` cells, fewer than ``tl.dot``'s 16) is one vector
 per query and key:
 
 - ``grid_bwd_dq_rows``: ``BLOCK_M`` queries of one row against their row keys (``tl.dot``)
-  and time keys; writes the partial ``dQ / scale`` (accumulation dtype; ``DQ`` itself when
-  that is its dtype).
+  and time keys; writes the partial ``dQ`` into ``DQ`` itself, in its dtype.
 - ``grid_bwd_dq_cols``: ``BLOCK_M`` queries of one column against their column keys,
   plus the partial; writes ``DQ``.
 - ``grid_bwd_dkdv_rows``: ``BLOCK_N`` keys of one row, for each query head of their
   key/value head's group (summed in the program: deterministic, no atomics), against the
   queries of their row (if the frame holds queries) and of their time lines (query frames
-  only; later ones only when causal); writes partial ``dK / scale`` and ``dV``.
+  only; later ones only when causal); writes partial ``dK`` and ``dV`` into ``DK``, ``DV``.
 - ``grid_bwd_dkdv_cols``: ``BLOCK_N`` keys of one column against the queries of the
   column, plus the partials; writes ``DK`` and ``DV``.
 
 Grids fold everything on axis 0: ``cdiv(W, BLOCK) * T_Q * H * B * N`` (dQ rows),
 ``cdiv(H, BLOCK) * T_Q * W * B * N`` (dQ columns), ``cdiv(W, BLOCK) * T * H * B * N_kv`` and
 ``cdiv(H, BLOCK) * T * W * B * N_kv`` (dK/dV).
+
+Partials: a row pass writes its partial gradient into the gradient itself, in its dtype
+(no scratch), and the column pass reads it back and writes the sum at the same cells in the
+same program (so in place is safe). A 16-bit gradient's partial is rounded to nearest once
+(unit roundoff ``u``: ``2**-11`` fp16, ``2**-8`` bf16): the error added is at most
+``u * |partial|``, the size of the final rounding's own, so a gradient stays within about
+two roundings of its dtype (float32 / float64 gradients: no extra rounding). The partial
+traffic is halved against a float32 scratch (the column pass reads 2 bytes per element).
 
 Work at T, H, W = 4, 24, 40, D = 32, 3 objects, first configurations (:func:`work_backward`,
 equal to the instrumented interpreter's counts): E = 1.57 softmax elements per useful pair
@@ -35,10 +42,10 @@ from __future__ import annotations
 
 import sys
 
-import torch
 import triton
 import triton.language as tl
 
+from ._common import cast
 from .common_bwd import (
     aot_spec,
     dkdv_block,
@@ -95,7 +102,7 @@ def _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx
 
 @triton.jit
 def grid_bwd_dq_rows(
-    Q, K, V, DO, Lse, Delta, Arg, G, DQ, Part,
+    Q, K, V, DO, Lse, Delta, Arg, G, DQ,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
@@ -106,8 +113,8 @@ def grid_bwd_dq_rows(
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Row and time keys of ``BLOCK_M`` queries of one row into Part ``(B*N, S_q, D)``
-    (``dQ / scale``, accumulation dtype). Q, DO ``(B, N, T_Q, H, W, D)``, K, V
+    """Row and time keys of ``BLOCK_M`` queries of one row into DQ ``(B*N, S_q, D)``
+    (partial ``dQ``, DQ's dtype, rounded to nearest). Q, DO ``(B, N, T_Q, H, W, D)``, K, V
     ``(B, N // GROUP, T, H, W, D)``, any strides; Lse, Delta ``(B*N, S_q)``; Arg, G
     ``(B*N, O, S_q)`` (Arg: absolute key indices)."""
     blocks = tl.cdiv(W, BLOCK_M)
@@ -155,12 +162,12 @@ def grid_bwd_dq_rows(
         dq = _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx, y, t + 1, T, H, W, D,
                       sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale, NUM_OBJ, BLOCK_D)
 
-    store_cells(Part + bn * S_q * D, dq, q_index, m_valid, D, BLOCK_D)
+    store_cells(DQ + bn * S_q * D, cast(dq * scale, DQ.dtype.element_ty, True), q_index, m_valid, D, BLOCK_D)
 
 
 @triton.jit
 def grid_bwd_dq_cols(
-    Q, K, V, DO, Lse, Delta, Arg, G, DQ, Part,
+    Q, K, V, DO, Lse, Delta, Arg, G, DQ,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
@@ -171,7 +178,7 @@ def grid_bwd_dq_cols(
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Column keys of ``BLOCK_M`` queries of one column, plus the row pass's Part; writes
+    """Column keys of ``BLOCK_M`` queries of one column, plus the row pass's partial in DQ; writes
     DQ contiguous ``(B*N, S_q, D)`` (arguments as in :func:`grid_bwd_dq_rows`)."""
     blocks = tl.cdiv(H, BLOCK_M)
     pid = tl.program_id(0)
@@ -213,9 +220,9 @@ def grid_bwd_dq_cols(
 
     offs_d = tl.arange(0, BLOCK_D)
     cells = bn * S_q + q_index.to(tl.int64)
-    dq += tl.load(Part + cells[:, None] * D + offs_d[None, :], mask=m_valid[:, None] & (offs_d[None, :] < D),
-                  other=0.0)
-    store_cells(DQ + bn * S_q * D, dq * scale, q_index, m_valid, D, BLOCK_D)
+    part = tl.load(DQ + cells[:, None] * D + offs_d[None, :], mask=m_valid[:, None] & (offs_d[None, :] < D),
+                   other=0.0)
+    store_cells(DQ + bn * S_q * D, dq * scale + part.to(dq.dtype), q_index, m_valid, D, BLOCK_D)
 
 
 @triton.jit
@@ -241,7 +248,7 @@ def _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_ind
 
 @triton.jit
 def grid_bwd_dkdv_rows(
-    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV, PartK, PartV,
+    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
@@ -253,8 +260,8 @@ def grid_bwd_dkdv_rows(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Row and time queries of ``BLOCK_N`` keys of one row, summed over the ``GROUP`` query
-    heads of their key/value head, into PartK, PartV ``(B*N_kv, S, D)`` (``dK / scale`` and
-    ``dV``, accumulation dtype); arguments as in :func:`grid_bwd_dq_rows`."""
+    heads of their key/value head, into DK, DV ``(B*N_kv, S, D)`` (partial ``dK`` and ``dV``,
+    their dtype, rounded to nearest); arguments as in :func:`grid_bwd_dq_rows`."""
     N_KV = N // GROUP
     blocks = tl.cdiv(W, BLOCK_N)
     pid = tl.program_id(0)
@@ -311,13 +318,13 @@ def grid_bwd_dkdv_rows(
                                 sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale, NUM_OBJ, BLOCK_D)
 
     bk = pid_bk.to(tl.int64)
-    store_cells(PartK + bk * S * D, dk, k_index, n_valid, D, BLOCK_D)
-    store_cells(PartV + bk * S * D, dv, k_index, n_valid, D, BLOCK_D)
+    store_cells(DK + bk * S * D, cast(dk * scale, DK.dtype.element_ty, True), k_index, n_valid, D, BLOCK_D)
+    store_cells(DV + bk * S * D, cast(dv, DV.dtype.element_ty, True), k_index, n_valid, D, BLOCK_D)
 
 
 @triton.jit
 def grid_bwd_dkdv_cols(
-    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV, PartK, PartV,
+    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
@@ -378,17 +385,16 @@ def grid_bwd_dkdv_cols(
     offs_d = tl.arange(0, BLOCK_D)
     cells = bk * S + k_index.to(tl.int64)
     tile_mask = n_valid[:, None] & (offs_d[None, :] < D)
-    dk += tl.load(PartK + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
-    dv += tl.load(PartV + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
-    store_cells(DK + bk * S * D, dk * scale, k_index, n_valid, D, BLOCK_D)
-    store_cells(DV + bk * S * D, dv, k_index, n_valid, D, BLOCK_D)
+    part_k = tl.load(DK + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
+    part_v = tl.load(DV + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
+    store_cells(DK + bk * S * D, dk * scale + part_k.to(dk.dtype), k_index, n_valid, D, BLOCK_D)
+    store_cells(DV + bk * S * D, dv + part_v.to(dv.dtype), k_index, n_valid, D, BLOCK_D)
 
 
 _prune_dq = {"early_config_prune": head_dim_pruner(CONFIGS_DQ_BY_HEAD_DIM)}
 _prune_dkdv = {"early_config_prune": head_dim_pruner(CONFIGS_DKDV_BY_HEAD_DIM)}
 grid_bwd_dq_rows_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq)(grid_bwd_dq_rows)
-# a column pass adds to the row pass's partial in place when the partial is the output itself
-# (float32 gradients): each benchmark run of the autotuner must start from the partial
+# a column pass adds to the row pass's partial, which lies in the output itself: each benchmark run of the autotuner must start from the partial
 grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq,
                                          restore_value=["DQ"])(grid_bwd_dq_cols)
 grid_bwd_dkdv_rows_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_rows)
@@ -416,8 +422,6 @@ def _aot_specs():
         ):
             spec = aot_spec(f"grid_bwd_{name}[d{d}]", kernel, outputs, dict(example, B=1, GROUP=2, T_Q=4), fixed,
                             configs_at(configs, by_dim, d), note)
-            for part in ("Part", "PartK", "PartV"):
-                spec.pointers[part] = "*fp32"
             specs.append(spec)
     return specs
 
@@ -425,20 +429,10 @@ def _aot_specs():
 AOT_SPECS = _aot_specs()
 
 
-def _partial(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Where a row pass leaves its partial gradient: ``x`` itself when it has the
-    accumulation dtype."""
-    if x.dtype == dtype:
-        return x
-    return torch.empty(x.shape, dtype=dtype, device=x.device)
-
-
 def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
                     interpret: bool, config_dq=None, config_dkdv=None) -> None:
     """Launch the dQ kernels (rows, then columns) and the dK/dV kernels (rows, then columns)
     for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
-    acc = inputs[4].dtype  # Lse: float32, or float64 on the gradcheck path
-    part_q, part_k, part_v = _partial(dq, acc), _partial(dk, acc), _partial(dv, acc)
     sizes = (p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, float(scale))
     limits = f"T*H={p.T * p.H}, T*W={p.T * p.W}, B*N={p.B * p.N}"
     grids = {
@@ -456,15 +450,16 @@ def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale
     module = sys.modules[__name__]
     for name, grid in grids.items():
         listed, forced = configs[name.split("_")[2]]
-        outputs = (dq, part_q) if "dq" in name else (dk, dv, part_k, part_v)
+        outputs = (dq,) if "dq" in name else (dk, dv)
         run(module, name, grid, (*inputs, *outputs, *strides, *sizes), meta, interpret=interpret,
             configs=listed, config=forced, sizes=limits)
 
 
 def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4) -> tuple[Work, Work]:
     """What the dQ kernels and the dK/dV kernels issue for ``p`` (see
-    :mod:`sst_triton.kernels.work`): q/k/v/dO elements of ``elem_bytes`` (4: float32),
-    float32 accumulation, separate contiguous tensors."""
+    :mod:`sst_triton.kernels.work`): q/k/v/dO elements of ``elem_bytes`` (4: float32; the
+    gradients, whose partials the column passes read back, alike), float32 accumulation,
+    separate contiguous tensors."""
     from ._common import block_d
 
     BD, O, D = block_d(p.D), p.num_obj, p.D
@@ -494,8 +489,8 @@ def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4) -> tu
         programs=lines * tiles,
         exp=lines * tiles * cdiv(H, BN) * BM * BN,
         dot_flops=lines * tiles * cdiv(H, BN) * 6 * BM * BN * BD,
-        load_bytes=lines * (H * query + tiles * H * 2 * cell + cdiv(H, BN) * H * obj + H * D * acc),
-        distinct_bytes=every_query + 2 * kv_heads * p.T_q * H * W * cell + heads * p.S_q * D * acc,
+        load_bytes=lines * (H * query + tiles * H * 2 * cell + cdiv(H, BN) * H * obj + H * cell),
+        distinct_bytes=every_query + 2 * kv_heads * p.T_q * H * W * cell + heads * p.S_q * cell,
     )
 
     # dK/dV, row pass: every key frame, H rows of cdiv(W, BN) key tiles, GROUP query heads
@@ -521,7 +516,7 @@ def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4) -> tu
         programs=lines * tiles,
         exp=heads * p.T_q * W * tiles * cdiv(H, BM) * BN * BM,
         dot_flops=heads * p.T_q * W * tiles * cdiv(H, BM) * 8 * BN * BM * BD,
-        load_bytes=heads * p.T_q * W * tiles * H * (query + obj) + lines * H * 2 * (cell + D * acc),
-        distinct_bytes=every_query + 2 * kv_heads * p.S * (cell + D * acc),
+        load_bytes=heads * p.T_q * W * tiles * H * (query + obj) + lines * H * 2 * 2 * cell,
+        distinct_bytes=every_query + 2 * kv_heads * p.S * 2 * cell,
     )
     return dq_rows + dq_cols, dkdv_rows + dkdv_cols
