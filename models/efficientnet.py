@@ -104,6 +104,29 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[:, None, None].to(x.dtype) + shift[:, None, None].to(x.dtype)
 
 
+def conv_bn(conv: SameConv2d, bn: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``; without autograd the BatchNorm is folded into the convolution's weight
+    and bias (one pass instead of three, equal up to float roundoff). The folded weights are
+    cached and recomputed whenever a parameter or statistic changes (fine-tuned stages)."""
+    if torch.is_grad_enabled():
+        return bn(conv(x))
+    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((t.data_ptr(), t._version) for t in tensors) + (x.dtype, bn.eps)
+    cached = getattr(conv, "_folded", None)
+    if cached is None or cached[0] != key:
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        weight = (conv.weight * scale[:, None, None, None]).to(x.dtype)
+        cached = (key, weight, shift.to(x.dtype))
+        object.__setattr__(conv, "_folded", cached)  # a plain attribute: not a parameter or buffer
+    k, s = conv.kernel_size[0], conv.stride[0]
+    top, bottom = same_padding(x.shape[-2], k, s)
+    left, right = same_padding(x.shape[-1], k, s)
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))
+    return F.conv2d(x, cached[1], cached[2], conv.stride, 0, 1, conv.groups)
+
+
 class MBConv(nn.Module):
     """Inverted residual without squeeze-excitation: ``[1x1 expand] -> depthwise kxk -> 1x1 project``,
     ReLU6 after the first two, identity shortcut when shape is kept. Attribute names follow the
@@ -125,9 +148,9 @@ class MBConv(nn.Module):
         """``(N, C_in, H, W)`` -> ``(N, C_out, H / stride, W / stride)`` (rounded up)."""
         y = x
         if hasattr(self, "_expand_conv"):
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+            y = F.relu6(conv_bn(self._expand_conv, self._bn0, y))
+        y = F.relu6(conv_bn(self._depthwise_conv, self._bn1, y))
+        y = conv_bn(self._project_conv, self._bn2, y)
         return x + y if self.residual else y
 
 
@@ -172,14 +195,14 @@ class EfficientNetLite0(nn.Module):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images ``(N, 3, H, W)`` -> ``(N, 32, H/2, W/2)``."""
-        return F.relu6(self._bn0(self._conv_stem(x)))
+        return F.relu6(conv_bn(self._conv_stem, self._bn0, x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(N, 3, H, W)`` in ``[0, 1]`` -> ImageNet logits ``(N, 1000)``."""
         x = self.stem((images - INPUT_MEAN) / INPUT_STD)
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(conv_bn(self._conv_head, self._bn1, x))
         return self._fc(x.mean(dim=(-2, -1)))
 
 
@@ -241,7 +264,7 @@ class EfficientNetLite0Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Normalised ``(N, 3, H, W)``, ``H``, ``W`` multiples of 8 -> features
         ``(N, 152, H/8, W/8)`` and skips (default ``[(N, 16, H/2, W/2), (N, 24, H/4, W/4)]``)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(conv_bn(self._conv_stem, self._bn0, x))
         outputs = []
         for i, block in enumerate(self._blocks):
             x = block(x)

@@ -39,6 +39,14 @@ def make_pattern(
     raise ValueError(f"attn must be one of {ATTENTIONS}, got {attn!r}")
 
 
+def _order_free(pattern: Pattern) -> bool:
+    """Whether a query's keys do not depend on the order of the frames (non-causal, every frame
+    in its class along time): grid, or strided with a time step of 1."""
+    if pattern.causal:
+        return False
+    return pattern.kind == "grid" or (pattern.kind == "strided" and pattern.stride[0] == 1)
+
+
 class FeedForward(nn.Sequential):
     """Position-wise ``Linear -> GELU -> Linear`` on channels-last tensors."""
 
@@ -122,7 +130,17 @@ class EncoderLayer(nn.Module):
             qh, kh, vh = q[:, heads], k[:, kv], v[:, kv]
             newest, aff = sparse_attention(qh[:, :, -1:], kh, vh, pattern, attn.scale, labels, num_objects,
                                            backend=attn.backend)
-            outs.append(newest if newest_only else sparse_attention(qh, kh, vh, pattern, attn.scale, backend=attn.backend))
+            if newest_only:
+                outs.append(newest)
+            elif _order_free(pattern) and qh.shape[2] > 1:
+                # the earlier frames' queries only: their keys moved after the newest frame's (the
+                # queries are the last frames of a call), which a pattern blind to frame order allows
+                order = lambda x: torch.cat([x[:, :, -1:], x[:, :, :-1]], dim=2)
+                earlier = sparse_attention(qh[:, :, :-1], order(kh), order(vh), pattern, attn.scale,
+                                           backend=attn.backend)
+                outs.append(torch.cat([earlier, newest], dim=2))
+            else:
+                outs.append(sparse_attention(qh, kh, vh, pattern, attn.scale, backend=attn.backend))
             affs.append(aff[:, :, :, 0])
         out = rearrange(torch.cat(outs, dim=1), "b n t h w d -> b t h w (n d)")
         return attn.proj(out), torch.cat(affs, dim=1)

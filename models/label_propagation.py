@@ -32,6 +32,19 @@ def default_radius(height: int, width: int) -> int:
     return max(MIN_RADIUS, round(RADIUS_FRACTION * min(height, width)))
 
 
+def channel_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=0)`` of ``(O, ...)`` maps, the first maximum winning ties and NaN counting as
+    the maximum as there; one pass per channel, because a CPU argmax over a short leading
+    dimension is about 10x slower than that."""
+    best = x[0]
+    index = torch.zeros(x.shape[1:], dtype=torch.long, device=x.device)
+    for o in range(1, x.shape[0]):
+        better = (x[o] > best) | (x[o].isnan() & ~best.isnan())
+        best = torch.where(better, x[o], best)
+        index = index.masked_fill_(better, o)
+    return index
+
+
 def normalize_features(features: torch.Tensor) -> torch.Tensor:
     """Unit-length features along channels ``(..., C, h, w)`` (cosine similarity by dot products)."""
     return F.normalize(features.float(), dim=-3)
@@ -48,6 +61,15 @@ def _window_mask(ty: int, tx: int, radius: int, device: torch.device) -> torch.T
     dy = (ky.reshape(1, -1) - radius) - qy.reshape(-1, 1)
     dx = (kx.reshape(1, -1) - radius) - qx.reshape(-1, 1)
     return (dy.abs() <= radius) & (dx.abs() <= radius)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_bias(ty: int, tx: int, radius: int, frames: int, device: torch.device) -> torch.Tensor:
+    """``(ty * tx, frames * (ty + 2r) * (tx + 2r))`` float: 0 for a key within ``radius`` of the query,
+    ``-inf`` elsewhere, for ``frames`` memory frames side by side (cached: every frame of a
+    video asks for the same few tile shapes; read-only)."""
+    allowed = _window_mask(ty, tx, radius, device)
+    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf")).repeat(1, frames)
 
 
 def propagate_labels(
@@ -99,10 +121,14 @@ def propagate_labels(
             q = rearrange(query[:, :, y0:y0 + ty, x0:x0 + tx].float(), "b c y x -> b (y x) c")
             k = rearrange(keys_p[..., halo[0], halo[1]], "b t c y x -> b c (t y x)")
             v = rearrange(values_p[..., halo[0], halo[1]], "b t o y x -> b (t y x) o")
-            allowed = _window_mask(ty, tx, r, query.device) & inside[halo[0], halo[1]].reshape(1, -1)
             # 0 / -inf bias: out-of-window and padded keys drop out of the top-k and the softmax;
-            # one fused baddbmm applies it with the temperature
-            bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf")).repeat(1, T)
+            # one fused baddbmm applies it with the temperature. Tiles whose halo lies inside
+            # the frame take the cached window bias as it is; border tiles add the padding's -inf.
+            bias = _window_bias(ty, tx, r, T, query.device)
+            if not (r <= y0 and y0 + ty + r <= h and r <= x0 and x0 + tx + r <= w):
+                outside = torch.zeros(inside[halo[0], halo[1]].shape, device=q.device)
+                outside = outside.masked_fill_(~inside[halo[0], halo[1]], float("-inf")).reshape(1, -1).repeat(1, T)
+                bias = bias + outside
             logits = torch.baddbmm(bias[None].expand(B, -1, -1), q, k, alpha=1.0 / temperature)  # (B, n, T * halo)
             top, index = logits.topk(min(topk, logits.shape[-1]), dim=-1)
             weights = top.softmax(dim=-1).nan_to_num(0.0)  # a query with no key at all reads nothing
@@ -190,7 +216,7 @@ class FeaturePropagator:
                                          temperature=self.temperature)
                 full = F.interpolate(probs, size=(h * self.backbone.stride, w * self.backbone.stride),
                                      mode="bilinear", align_corners=False)[0, :, :H, :W]
-                ids = full.argmax(dim=0)
+                ids = channel_argmax(full)
             else:
                 ids = torch.zeros(H, W, dtype=torch.long, device=frame.device)
             if t in given:
@@ -209,4 +235,4 @@ class FeaturePropagator:
         return torch.stack(out)
 
 
-__all__ = ["FeaturePropagator", "propagate_labels", "cell_values", "labels_to_values", "normalize_features", "default_radius", "TOPK", "TEMPERATURE", "CONTEXT"]
+__all__ = ["FeaturePropagator", "propagate_labels", "channel_argmax", "cell_values", "labels_to_values", "normalize_features", "default_radius", "TOPK", "TEMPERATURE", "CONTEXT"]

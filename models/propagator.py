@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .label_propagation import CONTEXT, cell_values
+from .label_propagation import CONTEXT, cell_values, channel_argmax
 from .sst import SST, downsample_labels
 
 MaskLike = Union[torch.Tensor, np.ndarray]
@@ -173,7 +173,7 @@ class Propagator:
             probs[0] = 1.0
         probs = self._apply_annotation(probs, annotated)
 
-        labels = F.pad(probs.argmax(dim=0), (0, Wp - W, 0, Hp - H), value=-1)
+        labels = F.pad(channel_argmax(probs), (0, Wp - W, 0, Hp - H), value=-1)
         feature_labels = downsample_labels(labels[None, None], model.stride, len(self.objects) + 1)[0, 0]
         entry = _Entry(self._index, embedding[0], feature_labels)
         if keys is not None:
@@ -285,7 +285,7 @@ class Propagator:
         out = []
         for probs, objects in self.iter_video(frames, annotations):
             ids = torch.tensor([0] + objects, dtype=torch.long)
-            out.append(ids[probs.argmax(dim=0).cpu()])
+            out.append(ids[channel_argmax(probs).cpu()])
         return torch.stack(out)
 
 

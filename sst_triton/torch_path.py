@@ -57,17 +57,24 @@ def _softmax_out(logits: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.T
     return torch.softmax(logits, dim=-1)
 
 
-def _affinity(probs: torch.Tensor, key_labels: torch.Tensor, num_objects: int) -> torch.Tensor:
+def _affinity(probs: torch.Tensor, key_labels: torch.Tensor, num_objects: int, finite: bool = False) -> torch.Tensor:
     """Per-object max of ``probs`` over the keys labelled with that object.
 
     Args:
         probs: ``(B, N, *Q, K)``.
         key_labels: ``(B, *Q, K)`` (or broadcastable), ``-1`` where the key is not eligible.
+        finite: the caller guarantees no NaN in ``probs`` (every query has a valid key).
 
     Returns:
         ``(B, N, *Q, O)``; 0 where no key of the object is eligible.
     """
     key_labels = key_labels.unsqueeze(1)
+    if finite and key_labels.shape[-2] == 1 and probs.shape[-2] > 1:
+        # labels per key only (one query frame): a broadcast 0/1 product is cheaper than a
+        # broadcast select, and equal to it for finite non-negative probabilities
+        return torch.stack(
+            [(probs * (key_labels == o).to(probs.dtype)).amax(dim=-1) for o in range(num_objects)], dim=-1
+        )
     zero = probs.new_zeros(())
     # one masked amax per object: the objects of a video are few, and unlike
     # scatter_reduce this keeps the work vectorised along the keys
@@ -382,8 +389,15 @@ def _strided(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affin
     tc_query = (tb + torch.arange(Tq_c, device=dev)).repeat_interleave(Hc * Wc).repeat(G)
     valid = real & (tc_key[None, :] <= tc_query[:, None]) if pattern.causal else real
     need_mask = pattern.causal or not bool(real.all())
+    # per class (rt, rh, rw): whether any of its (query, key) pairs is masked (padding, causality);
+    # the classes that have none skip the masked_fill
+    masked_cls = (~valid).flatten(3).any(dim=-1) if need_mask else None
     if labels is not None:
         elig = valid & (tc_key[None, :] < tc_query[:, None]) if causal_affinity else valid
+        # when every query row of a class sees the same eligible keys (one query frame), the
+        # affinity masks are per key: (.., 1, K) broadcast, never materialised per (query, key)
+        if elig.shape[3] > 1 and bool((elig == elig[:, :, :, :1]).all()):
+            elig = elig[:, :, :, :1]
         lab_s = rearrange(_pad_cells(labels[:, None, ..., None], padded, -1)[:, 0, ..., 0],
                           "b (tc st) (hc sh) (wc sw) -> b st sh sw (tc hc wc)", st=st, sh=sh, sw=sw)
         aff = q.new_empty(B, N, *q_padded, num_objects)
@@ -413,16 +427,17 @@ def _strided(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affin
                     r1 = min(rows_all, r0 + q_rows)
                     m = valid[rt, rh, c0:c1, r0:r1] if valid.shape[3] > 1 else valid[rt, rh, c0:c1]
                     logits = torch.matmul(qb[:, :, c0:c1, r0:r1] * scale, kk.transpose(-1, -2))
-                    if need_mask:
+                    if need_mask and bool(masked_cls[rt, rh, c0:c1].any()):
                         logits = logits.masked_fill(~m, float("-inf"))
                     probs = torch.softmax(logits, dim=-1)
                     ob[:, :, c0:c1, r0:r1] = torch.matmul(probs, vv)
                     if need_lse:
                         lb[:, :, c0:c1, r0:r1] = torch.logsumexp(logits, dim=-1, keepdim=True)
                     if labels is not None:
-                        e = elig[rt, rh, c0:c1, r0:r1] if elig.shape[3] > 1 else elig[rt, rh, c0:c1]
+                        e = elig[rt, rh, c0:c1, r0:r1] if elig.shape[3] > 1 else elig[rt, rh, c0:c1, :1]
                         key_lab = torch.where(e, lab_s[:, rt, rh, c0:c1, None, :], -1)
-                        ab[:, :, c0:c1, r0:r1] = _affinity(probs, key_lab, num_objects)
+                        # every class holds a real key (padding is under one step), so no row is NaN
+                        ab[:, :, c0:c1, r0:r1] = _affinity(probs, key_lab, num_objects, finite=True)
             dims = dict(g=G, tc=Tq_c, hc=Hc)
             out_s[:, :, rt, rh] = rearrange(ob, from_class, **dims)
             if labels is not None:

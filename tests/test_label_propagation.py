@@ -130,3 +130,15 @@ def test_encoder_computing_only_what_the_decoder_reads_equals_the_full_computati
         ref = rearrange(model.encoder.norm(rearrange(ref[:, :, -1], "b c h w -> b h w c")), "b h w c -> b c h w")
     torch.testing.assert_close(encoding, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(affinity, torch.cat(ref_aff, dim=1), atol=1e-6, rtol=1e-5)
+
+
+def test_channel_argmax_matches_torch_argmax_ties_and_nan():
+    from models.label_propagation import channel_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 4, 4), (2, 5, 7), (3, 100), (4, 20, 30)]:
+        x = torch.randint(0, 3, shape, generator=g).float()  # many ties
+        x.view(-1)[::17] = float("nan")
+        assert torch.equal(channel_argmax(x), x.argmax(dim=0))
+        x = torch.rand(shape, generator=g)
+        assert torch.equal(channel_argmax(x), x.argmax(dim=0))
