@@ -197,11 +197,46 @@ def test_autotuned_column_passes_restore_what_they_update_in_place():
     # the row passes only write: nothing to restore
     for tuned in (grid_fwd.grid_fwd_rows_tuned, grid_bwd.grid_bwd_dq_rows_tuned, grid_bwd.grid_bwd_dkdv_rows_tuned):
         assert not tuned.restore_value
-    # the forward's partial is the output itself in float32 (the in-place case), a float32
-    # scratch otherwise (a 16-bit partial would add a rounding as large as the output's own)
-    out = torch.empty(2, 3)
-    assert grid_fwd._partial(out) is out and grid_fwd._partial(out.half()).dtype == torch.float32
+    # the forward's partial is the output itself in float32 (the in-place case), a scaled
+    # float16 scratch for bfloat16 (int8 exponents per 16 queries of a row), float32 for float16
+    from sst_triton.kernels.launch import Problem
+
+    p = Problem(1, 2, 2, 1, 1, 3, 35, 4, Pattern.grid())
+    out = torch.empty(1, 2, 1, 3, 35, 4)
+    assert grid_fwd._partial(out, p)[0] is out
+    part, exps = grid_fwd._partial(out.bfloat16(), p)
+    assert part.dtype == torch.float16 and exps.dtype == torch.int8 and exps.shape == (2, 3, 3)
+    assert grid_fwd._partial(out.half(), p)[0].dtype == torch.float32
     # the backward's partial gradients are the gradients themselves, in every dtype: no scratch
     for kernel in (grid_bwd.grid_bwd_dq_rows, grid_bwd.grid_bwd_dq_cols, grid_bwd.grid_bwd_dkdv_rows,
                    grid_bwd.grid_bwd_dkdv_cols):
         assert not [name for name in kernel.arg_names if name.startswith("Part")], kernel.fn.__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_partial_is_exact_in_range_and_modelled(dtype):
+    """A bfloat16 output's partial is float16 scaled per 16 queries of a row: values far past
+    float16's range (|v| ~ 2**20 in some rows, ~2**-10 in others, W = 35: three groups, one
+    partial) come out within two bfloat16 roundings of the float64 reference, and the bytes
+    the column pass reads (partial, exponents) are what the work model says."""
+    from sst_triton.kernels.instrument import count_forward
+    from sst_triton.kernels.launch import Problem
+
+    shape = (1, 2, 1, 2, 3, 3, 35, 8)
+    q, k, v, lab = _inputs(*shape)
+    scale_rows = torch.tensor([2.0 ** 20, 2.0 ** -10, 1.0]).view(1, 1, 1, 3, 1, 1)
+    v = v * (scale_rows if dtype == torch.bfloat16 else 1.0)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    pattern = Pattern.grid()
+    out, aff, lse, arg = _forward(q, k, v, pattern, lab, True, grid_fwd.CONFIGS[0])
+    ref = reference_attention(q.double(), k.double(), v.double(), pattern, None, lab, O, True, return_lse=True)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    # per query: the error relative to its own largest |v| reached, ~ u of the dtype (2**-8 / 2**-11)
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    reach = v.double().abs().amax(dim=(2, 4, 5), keepdim=True).amax(dim=3, keepdim=True)  # rows mix via columns
+    err = ((out.double() - ref[0]).abs() / reach).max().item()
+    assert err <= 2 * u, err
+    p = Problem(*shape, pattern, O)
+    counted = count_forward(q, k, v, pattern, lab, O, True, config=grid_fwd.CONFIGS[0])
+    modelled = grid_fwd.work_forward(p, grid_fwd.CONFIGS[0], 2, True, dtype == torch.float16)
+    assert counted == modelled

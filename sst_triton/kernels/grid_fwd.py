@@ -10,15 +10,23 @@ keys are one dense ``[BLOCK_M, W]`` problem (``tl.dot``, ``BLOCK_N`` keys at a t
 time keys ``(t', y, x)`` of the tile are a contiguous row segment per frame ``t'``, one key
 per query: ``T - 1`` vector products (a time line has ``T`` keys, fewer than the 16 rows or
 columns ``tl.dot`` needs on either side). Each key is loaded once per tile. It writes the
-partial state: normalised partial output (``Part``: float32, ``Out`` itself when that is
-float32, so a 16-bit result is rounded once), base-2 log-sum-exp (``Lse``), and per object
-the best base-2 logit (``Aff``) and its key (``Arg``).
+partial state: normalised partial output (``Part``, see below), base-2 log-sum-exp
+(``Lse``), and per object the best base-2 logit (``Aff``) and its key (``Arg``).
 
 ``grid_fwd_cols``: ``BLOCK_M`` consecutive queries of one column ``(t, y0 ..., x)`` against
 the column keys ``(t, *, x)`` (the query itself masked out): again one dense problem per
 tile. It then merges the row pass's partial state of the same queries (a running max,
 sum and accumulator merged like two key blocks of one online softmax, the object maxima
 and their keys by comparison, so affinities stay exact) and writes the results.
+
+The partial output ``Part``: ``Out`` itself when that is float32; for a bfloat16 ``Out`` a
+float16 scratch (half of float32's bytes, read back by the column pass), each group of 16
+consecutive queries of a row scaled by a power of two ``2**-e`` that brings its largest
+magnitude into ``[1, 2)`` (``e``: int8 in ``Exp``, ``(B*N, T_Q*H, cdiv(W, 16))``), so
+float16's range never overflows and its 11-bit precision holds: the partial adds a
+rounding 8 times smaller than bfloat16's own (a bfloat16 partial, rounded like the output,
+was measured up to 2.8x SDPA's error against the 2x bound); float16 ``Out``: a float32
+scratch (no 16-bit format is finer than the output there).
 
 Version 2: query head ``n`` reads key/value head ``n // GROUP``; query frame ``i`` is the
 absolute frame ``T - T_Q + i`` and every rule (time line, causal, causal affinity) uses
@@ -64,8 +72,9 @@ CONFIGS = [
 # Which of them compile spill-free on sm_80 and sm_90a (``python -m sst_triton.aot --check``),
 # per padded head dim: at 128 the 64-query tiles spill in the row pass (its time-line
 # vectors hold [BLOCK_M, BLOCK_D] key and value rows besides the accumulator); at 32 ptxas
-# caps the column pass of the last one at 168 registers on sm_90a and spills 20 bytes.
-CONFIGS_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 1, 2, 3), 128: (0, 3)}
+# caps the column pass of the last one at 168 registers on sm_90a and spills 20 bytes; at 128
+# its column pass, with the float16 partial's exponents, spills 16 bytes at sm_80's 168.
+CONFIGS_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 1, 2, 3), 128: (0,)}
 
 
 def configs_at(configs: list, by_head_dim: dict, block_d: int) -> list:
@@ -116,7 +125,7 @@ def _time_keys(q, qx, y, t0, t1, t, k_base, v_base, lab_base, sk_t, sv_t, sk_h, 
 
 @triton.jit
 def grid_fwd_rows(
-    Q, K, V, Labels, Out, Lse, Aff, Arg, Part,
+    Q, K, V, Labels, Out, Lse, Aff, Arg, Part, Exp,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
@@ -129,7 +138,8 @@ def grid_fwd_rows(
     """Row and time keys of ``BLOCK_M`` queries of one row; writes the partial state.
 
     Q ``(B, N, T_Q, H, W, D)``, K, V ``(B, N // GROUP, T, H, W, D)``, any strides; Labels
-    int32 ``(B, T, H, W)``. Part float32 ``(B*N, S_q, D)``: normalised partial output;
+    int32 ``(B, T, H, W)``. Part ``(B*N, S_q, D)``: normalised partial output (float32, or
+    float16 scaled by ``2**-Exp`` per 16 queries of a row, see the module docstring);
     Lse ``(B*N, S_q)``: its base-2 log-sum-exp; Aff/Arg ``(B*N, O, S_q)``: best base-2 logit
     per object (``-inf``: none) and its absolute key index.
     """
@@ -201,7 +211,21 @@ def grid_fwd_rows(
     bn = pid_bn.to(tl.int64)
     q_index = (row * W + qx).to(tl.int64)
     cells = bn * S_q + q_index
-    tl.store(Part + cells[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=tile_mask)
+    part = acc / l_safe[:, None]
+    if Part.dtype.element_ty == tl.float16:
+        # per 16 queries: 2**e <= their largest magnitude < 2**(e+1) (e = 0 for 0, subnormal,
+        # inf or NaN: those go through unscaled), exponent bits only, no exp
+        G: tl.constexpr = BLOCK_M // 16
+        mag = tl.max(tl.reshape(tl.max(tl.abs(part), axis=1), [G, 16]), axis=1)
+        field = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        normal = (field > 0) & (field < 255)
+        pow2 = tl.where(normal, (field << 23).to(tl.float32, bitcast=True), 1.0)
+        part = part / tl.reshape(tl.broadcast_to(pow2[:, None], [G, 16]), [BLOCK_M])[:, None]
+        groups = pid_x * G + tl.arange(0, G)
+        n_groups = tl.cdiv(W, 16)
+        tl.store(Exp + (bn * T_Q * H + row) * n_groups + groups, tl.where(normal, field - 127, 0).to(tl.int8),
+                 mask=groups < n_groups)
+    tl.store(Part + cells[:, None] * D + offs_d[None, :], part.to(Part.dtype.element_ty), mask=tile_mask)
     tl.store(Lse + cells, m_i + tl.log2(l_safe), mask=m_valid)
     if NUM_OBJ > 0:
         objects = tl.arange(0, BLOCK_O)
@@ -213,7 +237,7 @@ def grid_fwd_rows(
 
 @triton.jit
 def grid_fwd_cols(
-    Q, K, V, Labels, Out, Lse, Aff, Arg, Part,
+    Q, K, V, Labels, Out, Lse, Aff, Arg, Part, Exp,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
@@ -279,13 +303,20 @@ def grid_fwd_cols(
     bn = pid_bn.to(tl.int64)
     q_index = (tq * H + qy) * W + x
     cells = bn * S_q + q_index.to(tl.int64)
-    part = tl.load(Part + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
+    if Part.dtype.element_ty == tl.float16:
+        n_groups = tl.cdiv(W, 16)
+        e = tl.load(Exp + (bn * T_Q * H + tq * H + qy) * n_groups + x // 16, mask=m_valid, other=0).to(tl.int32)
+        # undo the row pass's scaling in the weight of its partial (no [BLOCK_M, BLOCK_D] product)
+        unscale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    else:
+        unscale = 1.0
     lse_r = tl.load(Lse + cells, mask=m_valid, other=0.0)
     m_new = tl.maximum(m_i, lse_r)
     alpha = tl.exp2(m_i - m_new)  # m_i = -inf (H == 1): 0
     beta = tl.exp2(lse_r - m_new)
     l_i = l_i * alpha + beta
-    acc = acc * alpha[:, None] + part * beta[:, None]
+    part = tl.load(Part + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    acc = acc * alpha[:, None] + part * (beta * unscale)[:, None]
     if NUM_OBJ > 0:
         objects = tl.arange(0, BLOCK_O)
         aff_off = (bn * NUM_OBJ + objects[None, :].to(tl.int64)) * S_q + q_index[:, None].to(tl.int64)
@@ -318,7 +349,9 @@ def _aot_specs():
             name, kernel, CONFIGS, dict(B=1, GROUP=2, T_Q=4), dict(CAUSAL=True, CAUSAL_AFF=False),
             "GQA group 2, causal, causal_affinity=False (objects in every phase)",
         ):
-            spec.pointers["Part"] = "*fp32"
+            # bfloat16 Out: the scaled float16 partial
+            spec.pointers["Part"] = "*fp16"
+            spec.pointers["Exp"] = "*i8"
             spec.configs = configs_at(CONFIGS, CONFIGS_BY_HEAD_DIM, spec.constexprs["BLOCK_D"])
             specs.append(spec)
     return specs
@@ -327,11 +360,17 @@ def _aot_specs():
 AOT_SPECS = _aot_specs()
 
 
-def _partial(out: torch.Tensor) -> torch.Tensor:
-    """Where the row pass leaves its normalised output: ``out`` itself when it is float32."""
+def _partial(out: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the row pass leaves its normalised output and the exponents of its scaling:
+    ``out`` itself when it is float32, a float16 scratch with int8 exponents (one per 16
+    queries of a row) for bfloat16, a float32 scratch for float16 (unused exponents)."""
     if out.dtype == torch.float32:
-        return out
-    return torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        return out, torch.empty(1, dtype=torch.int8, device=out.device)
+    if out.dtype == torch.bfloat16:
+        exps = torch.empty(p.B * p.N, p.T_q * p.H, cdiv(p.W, 16), dtype=torch.int8, device=out.device)
+        return torch.empty(out.shape, dtype=torch.float16, device=out.device), exps
+    return torch.empty(out.shape, dtype=torch.float32, device=out.device), torch.empty(1, dtype=torch.int8,
+                                                                                       device=out.device)
 
 
 def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
@@ -339,8 +378,8 @@ def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: floa
     """Launch :func:`grid_fwd_rows` then :func:`grid_fwd_cols` for problem ``p`` (see
     :func:`sst_triton.kernels.launch.run`)."""
     q, k, v, lab, out, lse, aff, arg = pointers
-    part = _partial(out)
-    args = (q, k, v, lab, out, lse, aff, arg, part, *strides,
+    part, exps = _partial(out, p)
+    args = (q, k, v, lab, out, lse, aff, arg, part, exps, *strides,
             p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, scale_log2)
     module = sys.modules[__name__]
     sizes = f"T_q*H={p.T_q * p.H}, T_q*W={p.T_q * p.W}, B*N={p.B * p.N}"
@@ -353,10 +392,12 @@ def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: floa
         run(module, name, grid, args, meta, interpret=interpret, configs=CONFIGS, config=config, sizes=sizes)
 
 
-def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool = True) -> Work:
+def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool = True, fp16: bool = False) -> Work:
     """What :func:`grid_fwd_rows` and :func:`grid_fwd_cols` issue for ``p`` under ``config``
-    (see :mod:`sst_triton.kernels.work`); q/k/v elements of ``elem_bytes`` (4: float32),
-    separate contiguous tensors."""
+    (see :mod:`sst_triton.kernels.work`); q/k/v elements of ``elem_bytes`` (4: float32;
+    2: bfloat16, or float16 with ``fp16``), separate contiguous tensors. The partial output
+    the column pass reads: float32, or float16 plus an int8 exponent per 16 queries of a
+    row for bfloat16 (see :func:`_partial`)."""
     from ._common import block_d, block_o
 
     BM, BN = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -365,6 +406,8 @@ def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool 
     heads, kv_heads = p.B * p.N, p.B * p.N_kv
     row_labels = O > 0 and not causal_affinity
     cell = D * elem_bytes
+    scaled = elem_bytes == 2 and not fp16
+    part_cell = D * (2 if scaled else 4)
 
     # row pass: per query frame t, H rows of cdiv(W, BM) tiles
     tiles = cdiv(W, BM)
@@ -392,12 +435,13 @@ def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool 
         exp=tiles * (cdiv(H, BN) * BM * (BN + 1) + 2 * BM + (BM * BO if O else 0)),
         dot_flops=tiles * cdiv(H, BN) * 4 * BM * BN * BD,
         load_bytes=H * cell + tiles * H * (2 * cell + (4 if row_labels else 0))
-        + H * (D * 4 + 4 + (2 * O * 4 if O else 0)),
+        + H * (part_cell + (1 if scaled else 0) + 4 + (2 * O * 4 if O else 0)),
     )
     cols = Work(
         exp=lines * per_col.exp, dot_flops=lines * per_col.dot_flops, load_bytes=lines * per_col.load_bytes,
         programs=lines * tiles,
         distinct_bytes=heads * p.S_q * cell + 2 * kv_heads * p.T_q * H * W * cell
-        + (p.B * p.T_q * H * W * 4 if row_labels else 0) + heads * p.S_q * (D * 4 + 4 + 2 * O * 4),
+        + (p.B * p.T_q * H * W * 4 if row_labels else 0) + heads * p.S_q * (part_cell + 4 + 2 * O * 4)
+        + (heads * p.T_q * H * cdiv(W, 16) if scaled else 0),
     )
     return rows + cols
