@@ -55,7 +55,7 @@ CONFIGS_DKDV = [
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1),
 ]
 HEAD_DIMS_DKDV = [(32, 64, 128), (64,)]
-TUNE_KEY = ["N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
+TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
             "SHIFT"]
 
 
@@ -106,7 +106,7 @@ def local_bwd_dq(
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
     sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
+    B, N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SHIFT: tl.constexpr,
@@ -231,7 +231,7 @@ def local_bwd_dkdv(
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
     sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
+    B, N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
     scale,
     CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SHIFT: tl.constexpr,
@@ -316,7 +316,7 @@ AOT_HEAD_DIMS = (32, 64, 128)
 AOT_SPECS = [
     aot_spec(
         f"local_bwd_{part}[d{d}]", kernel, outputs,
-        dict(GROUP=2, T_Q=4, KT=3, KH=7, KW=7, DT=1, DH=2, DW=2, D=d),
+        dict(B=1, GROUP=2, T_Q=4, KT=3, KH=7, KW=7, DT=1, DH=2, DW=2, D=d),
         dict(CAUSAL=True, NUM_OBJ=3, BLOCK_O=4, BLOCK_D=d, DOT_PRECISION="ieee", DOT_FP32=False, SHIFT=True),
         configs_up_to(configs, configs, max_dims, d),
         f"bf16, contiguous (1, 8, 4, 32, 32, {d}), kernel (3, 7, 7), dilation (1, 2, 2), GQA group 2, shift, "
@@ -335,7 +335,7 @@ def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale
     """Launch the dQ and the dK/dV kernels for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
     dilation = dilation_of(p)
     residues = math.prod(dilation)
-    sizes = (p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *dilation, float(scale))
+    sizes = (p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *dilation, float(scale))
     grid_q = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"])) * residues * p.B * p.N,)  # noqa: E731
     grid_k = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"]), queries=False)  # noqa: E731
                         * residues * p.B * p.N_kv,)

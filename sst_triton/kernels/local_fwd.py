@@ -89,7 +89,7 @@ def head_dim_pruner(table: list, head_dims: list):
     return prune
 
 
-TUNE_KEY = ["N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
+TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "KT", "KH", "KW", "DT", "DH", "DW", "BLOCK_D", "NUM_OBJ", "CAUSAL",
             "SHIFT"]
 
 
@@ -242,7 +242,7 @@ def local_fwd(
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
-    N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
+    B, N, GROUP, T_Q, T, H, W, D, KT, KH, KW, DT, DH, DW,
     scale_log2,
     CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, SHIFT: tl.constexpr,
@@ -337,7 +337,7 @@ local_fwd_tuned = triton.autotune(
 
 AOT_SPECS = forward_aot_specs(
     "local_fwd", local_fwd, CONFIGS,
-    dict(GROUP=2, T_Q=4, KT=3, KH=7, KW=7, DT=1, DH=2, DW=2), dict(CAUSAL=True, CAUSAL_AFF=True, SHIFT=False),
+    dict(B=1, GROUP=2, T_Q=4, KT=3, KH=7, KW=7, DT=1, DH=2, DW=2), dict(CAUSAL=True, CAUSAL_AFF=True, SHIFT=False),
     "kernel (3, 7, 7), dilation (1, 2, 2), GQA group 2, clip, causal",
 )
 for _spec in AOT_SPECS:
@@ -373,7 +373,7 @@ def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: floa
     dilation = dilation_of(p)
     residues = math.prod(dilation)
     grid = lambda m: (boxes(p, (m["TILE_T"], m["TILE_H"], m["TILE_W"])) * residues * p.B * p.N,)  # noqa: E731
-    args = (*pointers, *strides, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *dilation,
+    args = (*pointers, *strides, p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, *p.pattern.kernel_size, *dilation,
             scale_log2)
     run(sys.modules[__name__], "local_fwd", grid, args, {**meta, "SHIFT": p.pattern.boundary == "shift"},
         interpret=interpret, configs=CONFIGS, config=config,
