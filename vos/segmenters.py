@@ -11,6 +11,7 @@ given objects are exactly their masks on their frames.
 """
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Iterator, Mapping
 from typing import Optional
@@ -48,7 +49,7 @@ def resize_ids(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
 
 
-class ResizingSegmenter:
+class ResizingSegmenter(abc.ABC):
     """Shared frame/mask handling of the segmenters that run a network.
 
     Args:
@@ -77,9 +78,9 @@ class ResizingSegmenter:
                 x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
             yield x
 
+    @abc.abstractmethod
     def run(self, frames: Iterator[torch.Tensor], given: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``(T, h, w)`` ids from the resized frames and masks (subclasses)."""
-        raise NotImplementedError
+        """``(T, h, w)`` ids from the resized frames and masks (each subclass's own method)."""
 
     def __call__(self, frames: np.ndarray, given: Mapping[int, np.ndarray]) -> np.ndarray:
         T, H, W = frames.shape[:3]
