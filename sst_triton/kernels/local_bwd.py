@@ -31,7 +31,7 @@ from ._common import block_d
 from .common_bwd import aot_spec, dkdv_block, dq_block, load_cells, object_grad, store_cells
 from .launch import Problem, cdiv, run
 from .local_fwd import (
-    box_positions, box_walks, boxes, dilation_of, halo_cells, halo_split, inverse_window, residue_program, steps, tile_of, window,
+    box_walks, boxes, dilation_of, halo_cells, halo_split, inverse_window, program_box, steps, tile_of, window,
     window_anchor, configs_up_to, head_dim_pruner,
 )
 from .work import Work
@@ -119,19 +119,8 @@ def local_bwd_dq(
     tl.static_assert(BLOCK_M == TILE_T * TILE_H * TILE_W)
     t_off = T - T_Q
     S_Q = T_Q * H * W
-    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
-    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
-    n_box = tl.cdiv(tl.cdiv(T_Q, DT), TILE_T) * tiles_h * tiles_w
-    box, rt, ry, rx, bn = residue_program(tl.program_id(0), n_box, DT, DH, DW)
-    LT = (T - rt + DT - 1) // DT
-    LH = (H - ry + DH - 1) // DH
-    LW = (W - rx + DW - 1) // DW
-    first_t = (t_off - rt + DT - 1) // DT
-    qpt, qpy, qpx, m_valid, t0, y0, x0, t1, y1, x1 = box_positions(
-        box, first_t, LT, LH, LW, tiles_h, tiles_w, TILE_T, TILE_H, TILE_W)
-    qt = rt + qpt * DT
-    qy = ry + qpy * DH
-    qx = rx + qpx * DW
+    qpt, qpy, qpx, qt, qy, qx, m_valid, t0, y0, x0, t1, y1, x1, LT, LH, LW, rt, ry, rx, bn = program_box(
+        tl.program_id(0), T, H, W, t_off, DT, DH, DW, TILE_T, TILE_H, TILE_W)
     b = (bn // N).to(tl.int64)
     n = (bn % N).to(tl.int64)
     kv = n // GROUP
@@ -246,18 +235,8 @@ def local_bwd_dkdv(
     S = T * H * W
     S_Q = T_Q * H * W
     N_KV = N // GROUP
-    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
-    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
-    n_box = tl.cdiv(tl.cdiv(T, DT), TILE_T) * tiles_h * tiles_w
-    box, rt, ry, rx, bkv = residue_program(tl.program_id(0), n_box, DT, DH, DW)
-    LT = (T - rt + DT - 1) // DT
-    LH = (H - ry + DH - 1) // DH
-    LW = (W - rx + DW - 1) // DW
-    kpt, kpy, kpx, n_valid, t0, y0, x0, t1, y1, x1 = box_positions(
-        box, 0, LT, LH, LW, tiles_h, tiles_w, TILE_T, TILE_H, TILE_W)
-    kt = rt + kpt * DT
-    ky = ry + kpy * DH
-    kx = rx + kpx * DW
+    kpt, kpy, kpx, kt, ky, kx, n_valid, t0, y0, x0, t1, y1, x1, LT, LH, LW, rt, ry, rx, bkv = program_box(
+        tl.program_id(0), T, H, W, 0, DT, DH, DW, TILE_T, TILE_H, TILE_W)
     b = (bkv // N_KV).to(tl.int64)
     kv = (bkv % N_KV).to(tl.int64)
     k_index = (kt * H + ky) * W + kx

@@ -174,6 +174,33 @@ def box_positions(box, first_t, LT, LH, LW, TILES_H, TILES_W,
 
 
 @triton.jit
+def program_box(pid, T, H, W, T_FIRST, DT, DH, DW,
+                TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The box of cells that axis-0 program ``pid`` takes, shared by every local kernel.
+
+    Boxes of ``TILE_T x TILE_H x TILE_W`` positions cover, per dilation residue
+    ``(rt, ry, rx)``, the positions of frames ``T_FIRST .. T - 1`` (the query frames, or every
+    key frame with ``T_FIRST = 0``). Returns the positions ``(pt, py, px)`` and cells
+    ``(t, y, x)`` of the box (each ``[TILE_T*TILE_H*TILE_W]``) with their validity, the
+    box's first and last valid position per axis, the residue's sub-sequence lengths
+    ``(LT, LH, LW)``, the residue and the batch-head index.
+    """
+    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
+    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
+    n_box = tl.cdiv(tl.cdiv(T - T_FIRST, DT), TILE_T) * tiles_h * tiles_w
+    box, rt, ry, rx, bn = residue_program(pid, n_box, DT, DH, DW)
+    # positions per axis of this residue's sub-sequences; the first frame's position
+    LT = (T - rt + DT - 1) // DT
+    LH = (H - ry + DH - 1) // DH
+    LW = (W - rx + DW - 1) // DW
+    first_t = (T_FIRST - rt + DT - 1) // DT
+    pt, py, px, valid, t0, y0, x0, t1, y1, x1 = box_positions(
+        box, first_t, LT, LH, LW, tiles_h, tiles_w, TILE_T, TILE_H, TILE_W)
+    return (pt, py, px, rt + pt * DT, ry + py * DH, rx + px * DW, valid,
+            t0, y0, x0, t1, y1, x1, LT, LH, LW, rt, ry, rx, bn)
+
+
+@triton.jit
 def halo_cells(offs, t_lo, y_lo, x_lo, ny, nx, rt, ry, rx, DT, DH, DW):
     """Positions and cells of offsets ``offs`` of a box ``[t_lo, .) x [y_lo, y_lo + ny) x
     [x_lo, x_lo + nx)`` of positions flattened ``t``-major (``ny, nx >= 1``)."""
@@ -254,20 +281,8 @@ def local_fwd(
     Aff/Arg ``(B*N, O, T_Q*H*W)``. ``KT, KH, KW`` odd kernel size, ``DT, DH, DW`` dilation."""
     tl.static_assert(BLOCK_M == TILE_T * TILE_H * TILE_W)
     t_off = T - T_Q
-    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
-    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
-    n_box = tl.cdiv(tl.cdiv(T_Q, DT), TILE_T) * tiles_h * tiles_w
-    box, rt, ry, rx, bn = residue_program(tl.program_id(0), n_box, DT, DH, DW)
-    # positions per axis of this residue's sub-sequences; the first query frame's position
-    LT = (T - rt + DT - 1) // DT
-    LH = (H - ry + DH - 1) // DH
-    LW = (W - rx + DW - 1) // DW
-    first_t = (t_off - rt + DT - 1) // DT
-    qpt, qpy, qpx, m_valid, t0, y0, x0, t1, y1, x1 = box_positions(
-        box, first_t, LT, LH, LW, tiles_h, tiles_w, TILE_T, TILE_H, TILE_W)
-    qt = rt + qpt * DT
-    qy = ry + qpy * DH
-    qx = rx + qpx * DW
+    qpt, qpy, qpx, qt, qy, qx, m_valid, t0, y0, x0, t1, y1, x1, LT, LH, LW, rt, ry, rx, bn = program_box(
+        tl.program_id(0), T, H, W, t_off, DT, DH, DW, TILE_T, TILE_H, TILE_W)
     b = (bn // N).to(tl.int64)
     n = (bn % N).to(tl.int64)
     kv = n // GROUP
