@@ -4,14 +4,15 @@
 
 Every kernel module models the work its kernels issue for a problem and a configuration
 (``work_forward`` / ``work_backward``: exp count, ``tl.dot`` FLOPs, bytes loaded, distinct
-bytes loaded, programs; :mod:`sst_triton.kernels.work`), and ``tests/test_work_model.py``
+bytes loaded, bytes stored, programs; :mod:`sst_triton.kernels.work`), and ``tests/test_work_model.py``
 holds each model equal to an instrumented interpreter run of the kernel. From the model:
 
 - ``E`` = exp elements issued / useful ``(query, key)`` pairs ``U``; ``L`` = bytes loaded /
   distinct bytes loaded;
 - HBM bytes, estimated: the distinct bytes loaded (each read once from HBM, re-reads
   served by L2/shared memory: ``L`` is the price paid there, not in HBM) plus the bytes
-  the kernel writes (out, lse, affinity and argmax; dq; dk and dv);
+  its stores write (``store_bytes``, modelled and counted like the loads: the outputs, and
+  any scratch one pass writes for the next to read back, e.g. grid's partial states);
 - time estimate = max(HBM bytes / bandwidth, MMA FLOPs / tensor-core peak, exps / exp-unit
   rate) with the constants of ``perf/roofline.py`` (H100 SXM 3.35 TB/s, H200 4.8 TB/s,
   989.4 TFLOP/s bf16 dense, 66.9 TFLOP/s fp32 on CUDA cores, 3.87e12 exp/s from the SFU's
@@ -92,7 +93,8 @@ def _obj_bytes(p: Problem) -> int:
 
 
 def written_bytes(p: Problem, kernel: str, eb: int) -> int:
-    """What a kernel writes: forward out + lse (+ affinity, argmax); dq; dk + dv."""
+    """What a kernel must write (compulsory): forward out + lse (+ affinity, argmax); dq;
+    dk + dv. The estimates use the kernel's own ``store_bytes`` (scratch included)."""
     if kernel == "fwd":
         return _q_bytes(p, eb) + p.B * p.N * p.S_q * 4 + 2 * _obj_bytes(p)
     if kernel == "dq":
@@ -135,7 +137,8 @@ class Estimate:
 
 def estimate(p: Problem, kernel: str, work: Work, config_text: str, device: Device, eb: int = ELEMENT_BYTES,
              dtype: str = "bf16") -> Estimate:
-    hbm = work.distinct_bytes + written_bytes(p, kernel, eb)
+    # every byte stored reaches HBM once; scratch a later pass reads back is also in its distinct loads
+    hbm = work.distinct_bytes + work.store_bytes
     roofs = {
         "memory": hbm / device.hbm_bytes_per_s,
         "mma": work.dot_flops / device.flop_per_s(dtype),
@@ -241,7 +244,7 @@ def report(device: Device = H100, all_configs: bool = False) -> str:
     lines = [
         f"{device.name}: {device.hbm_bytes_per_s / 1e12:.2f} TB/s HBM, {device.bf16_flop_per_s / 1e12:.1f} TFLOP/s bf16, "
         f"{device.exp_per_s / 1e12:.2f} T exp/s; bf16 inputs; E = exp/useful pair, L = loaded/distinct bytes, "
-        "Mexp = 1e6 exps, MMA GF = tl.dot GFLOP, HBM MB = distinct loaded + written, comp MB = compulsory, "
+        "Mexp = 1e6 exps, MMA GF = tl.dot GFLOP, HBM MB = distinct loaded + stored, comp MB = compulsory, "
         "use GF = useful GFLOP, uTF/s = useful TFLOP/s at the estimate, roof = pattern roofline / estimate",
         HEADER,
     ]

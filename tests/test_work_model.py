@@ -70,7 +70,7 @@ def _cases(table, config_lists):
 
 def _asdict(work: Work) -> dict:
     return dict(exp=work.exp, dot_flops=work.dot_flops, load_bytes=work.load_bytes,
-                distinct_bytes=work.distinct_bytes, programs=work.programs)
+                distinct_bytes=work.distinct_bytes, programs=work.programs, store_bytes=work.store_bytes)
 
 
 def _model(module, name):
@@ -133,7 +133,7 @@ def test_issue_11_bounds_at_the_issue_shape(kind, pattern, e_fwd, e_bwd):
 
 
 @triton.jit
-def _probe(A, B, C, N, BLOCK: tl.constexpr):
+def _probe(A, B, C, M, N, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     a = tl.load(A + offs[:, None] * BLOCK + offs[None, :], mask=offs[:, None] < N, other=0.0)
@@ -141,12 +141,13 @@ def _probe(A, B, C, N, BLOCK: tl.constexpr):
     c = tl.dot(a, b)
     c = tl.exp(c) + tl.exp2(tl.max(c, axis=1))[:, None]
     tl.store(C + pid * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :], c)
+    tl.store(M + pid * BLOCK + offs, tl.max(c, axis=1), mask=offs < N)
 
 
 def test_counter_applies_the_counting_rules_to_a_known_kernel():
-    a, b, c = torch.randn(16, 16), torch.randn(16, 16), torch.empty(3, 16, 16)
+    a, b, c, m = torch.randn(16, 16), torch.randn(16, 16), torch.empty(3, 16, 16), torch.empty(3, 16)
     with instrument.instrumented() as launches:
-        _common.interpreted(_probe)[(3,)](a, b, c, 10, BLOCK=16)
+        _common.interpreted(_probe)[(3,)](a, b, c, m, 10, BLOCK=16)
     assert [launch.name for launch in launches] == ["_probe"]
     work = launches[0].work
     assert work.programs == 3
@@ -154,6 +155,8 @@ def test_counter_applies_the_counting_rules_to_a_known_kernel():
     assert work.dot_flops == 3 * 2 * 16 * 16 * 16
     assert work.load_bytes == 3 * (10 * 16 + 16 * 16) * 4  # masked rows of A are not read
     assert work.distinct_bytes == (10 * 16 + 16 * 16) * 4  # each program reads the same bytes
+    # every lane of the unmasked store, the 10 unmasked lanes of the masked one, every program
+    assert work.store_bytes == 3 * (16 * 16 + 10) * 4
     # and the kernel still computed the right thing
     ref = torch.exp(a[:10] @ b)
     assert torch.allclose(c[1, :10], ref + torch.exp2((a[:10] @ b).max(1).values)[:, None], rtol=1e-4)

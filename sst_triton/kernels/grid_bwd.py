@@ -492,6 +492,8 @@ def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4) -> tu
         load_bytes=lines * (H * query + tiles * H * 2 * cell + cdiv(H, BN) * H * obj + H * cell),
         distinct_bytes=every_query + 2 * kv_heads * p.T_q * H * W * cell + heads * p.S_q * cell,
     )
+    # each pass writes dQ once per query (the row pass its partial)
+    dq_rows.store_bytes = dq_cols.store_bytes = heads * p.S_q * cell
 
     # dK/dV, row pass: every key frame, H rows of cdiv(W, BN) key tiles, GROUP query heads
     BM, BN = config_dkdv.kwargs["BLOCK_M"], config_dkdv.kwargs["BLOCK_N"]
@@ -519,4 +521,6 @@ def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4) -> tu
         load_bytes=heads * p.T_q * W * tiles * H * (query + obj) + lines * H * 2 * 2 * cell,
         distinct_bytes=every_query + 2 * kv_heads * p.S * 2 * cell,
     )
+    # each pass writes dK and dV once per key (the row pass its partials)
+    dkdv_rows.store_bytes = dkdv_cols.store_bytes = 2 * kv_heads * p.S * cell
     return dq_rows + dq_cols, dkdv_rows + dkdv_cols

@@ -444,4 +444,9 @@ def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool 
         + (p.B * p.T_q * H * W * 4 if row_labels else 0) + heads * p.S_q * (part_cell + 4 + 2 * O * 4)
         + (heads * p.T_q * H * cdiv(W, 16) if scaled else 0),
     )
+    # the row pass writes the partial state (Part, Exp, Lse, Aff, Arg) that the column pass
+    # reads back, the column pass the results: each once per query
+    stats = 4 + 2 * O * 4
+    rows.store_bytes = heads * p.S_q * (part_cell + stats) + (heads * p.T_q * H * cdiv(W, 16) if scaled else 0)
+    cols.store_bytes = heads * p.S_q * (cell + stats)
     return rows + cols

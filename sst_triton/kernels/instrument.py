@@ -3,7 +3,7 @@
 Nothing here can time a kernel, but the work it issues can be counted exactly: every
 ``tl.dot``, every ``exp``/``exp2`` and every load (with its mask and addresses) goes through
 one object, :data:`triton.runtime.interpreter.interpreter_builder`, while a kernel runs in
-the interpreter. :func:`instrumented` wraps four of its methods and the interpreter's
+the interpreter. :func:`instrumented` wraps six of its methods and the interpreter's
 ``GridExecutor`` (one call per launch: the kernel's name and its grid), and books what each
 launch issues in a :class:`~sst_triton.kernels.work.Work`, following the counting rules of
 :mod:`sst_triton.kernels.work`:
@@ -14,7 +14,9 @@ launch issues in a :class:`~sst_triton.kernels.work.Work`, following the countin
   the element size of the pointer;
 - ``distinct_bytes``: the distinct byte addresses among those lanes over the launch (times
   the element size);
-- ``programs``: the product of the launch grid.
+- ``programs``: the product of the launch grid;
+- ``store_bytes``: lanes whose mask is true (every lane of an unmasked ``create_store``,
+  which goes through ``create_masked_store``) times the element size of the pointer.
 
 Each launch is booked separately and named by its kernel, so a backward's ``dQ`` and
 ``dK/dV`` kernels are told apart (:func:`count_backward`). ``PyTorch`` work around the
@@ -137,6 +139,15 @@ def instrumented() -> Iterator[list[Launch]]:
         count_load(ptrs, mask)
         return cls.create_masked_load(builder, ptrs, mask, other, cache_policy, is_volatile)
 
+    def create_masked_store(ptrs, value, mask, cache_policy):
+        # the class's create_store calls self.create_masked_store: this one, booked once
+        launch = book()
+        if launch is not None:
+            size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+            lanes = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data))
+            launch.work.store_bytes += size * int(np.count_nonzero(lanes))
+        return cls.create_masked_store(builder, ptrs, value, mask, cache_policy)
+
     def set_grid_dim(nx, ny, nz):
         if book() is not None:
             book().grid = (nx, ny, nz)
@@ -158,7 +169,7 @@ def instrumented() -> Iterator[list[Launch]]:
 
     patches = dict(
         create_exp=create_exp, create_exp2=create_exp2, create_dot=create_dot, create_load=create_load,
-        create_masked_load=create_masked_load, set_grid_dim=set_grid_dim,
+        create_masked_load=create_masked_load, create_masked_store=create_masked_store, set_grid_dim=set_grid_dim,
     )
     if _ACTIVE:
         raise RuntimeError("instrumented() does not nest")

@@ -347,6 +347,7 @@ def work_backward(p: Problem, config_dq, config_dkdv, dtype_bytes: int = 4, acc_
         wq.dot_flops += heads * (full * bn + half * bn // 2) * 3 * 2 * bm * bd
         wq.load_bytes += heads * (int(valid.sum()) * query_bytes + int(halo.sum()) * 2 * D * es)
     wq.distinct_bytes = p.B * p.N * p.S_q * query_bytes + p.B * p.N_kv * int(walked.sum()) * 2 * D * es
+    wq.store_bytes = p.B * p.N * p.S_q * D * es  # dQ, once per query
 
     bn, bm = config_dkdv.kwargs["BLOCK_N"], config_dkdv.kwargs["BLOCK_M"]
     walks, walked = box_walks(p, tile_of(config_dkdv), inverse=True)
@@ -359,4 +360,5 @@ def work_backward(p: Problem, config_dq, config_dkdv, dtype_bytes: int = 4, acc_
         wk.dot_flops += heads * p.group * (full * bm + half * bm // 2) * 4 * 2 * bn * bd
         wk.load_bytes += heads * (int(valid.sum()) * 2 * D * es + p.group * int(region.sum()) * query_bytes)
     wk.distinct_bytes = p.B * p.N_kv * p.S * 2 * D * es + p.B * p.N * int(walked.sum()) * query_bytes
+    wk.store_bytes = p.B * p.N_kv * p.S * 2 * D * es  # dK, dV, once per key
     return wq, wk

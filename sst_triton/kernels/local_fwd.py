@@ -509,5 +509,7 @@ def work_forward(p: Problem, config, dtype_bytes: int = 4) -> Work:
     cells = int(walked.sum())
     w.distinct_bytes = (p.B * p.N * p.S_q * p.D * dtype_bytes + p.B * p.N_kv * cells * 2 * p.D * dtype_bytes
                         + (p.B * cells * 4 if p.num_obj else 0))
+    # written once per query: out, lse (float32), affinity (float32) and argmax (int32)
+    w.store_bytes = heads * p.S_q * (p.D * dtype_bytes + 4 + 2 * p.num_obj * 4)
     return w
 

@@ -323,6 +323,7 @@ def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4, acc_b
             wq.dot_flops += heads * count * key_blocks * 3 * 2 * BM * BN * BD
             wq.load_bytes += heads * count * (rows * (row_q + row_obj) + hi * 2 * D * elem_bytes)
     wq.distinct_bytes = heads * p.S_q * (row_q + row_obj) + 2 * p.B * p.N_kv * keys_read * D * elem_bytes
+    wq.store_bytes = heads * p.S_q * D * elem_bytes  # dQ, once per query
 
     # dK/dV: one program per key block of a (batch, key/value head), GROUP query heads each
     BM, BN = config_dkdv.kwargs["BLOCK_M"], config_dkdv.kwargs["BLOCK_N"]
@@ -346,4 +347,5 @@ def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4, acc_b
             wk.dot_flops += kv_heads * count * p.group * per_head.dot_flops
             wk.load_bytes += kv_heads * count * (p.group * per_head.load_bytes + keys * 2 * D * elem_bytes)
     wk.distinct_bytes = heads * p.S_q * (row_q + row_obj) + 2 * kv_heads * p.S * D * elem_bytes
+    wk.store_bytes = 2 * kv_heads * p.S * D * elem_bytes  # dK, dV, once per key
     return wq, wk

@@ -294,4 +294,6 @@ def work_forward(p: Problem, config, elem_bytes: int = 4) -> Work:
         + 2 * p.B * p.N_kv * distinct_keys * p.D * elem_bytes        # K, V
         + (p.B * distinct_keys * 4 if O else 0)                       # labels
     )
+    # written once per query: out, lse (float32), affinity (float32) and argmax (int32)
+    w.store_bytes = heads * p.S_q * (p.D * elem_bytes + 4 + 2 * O * 4)
     return w

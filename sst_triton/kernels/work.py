@@ -16,6 +16,9 @@ Counting rules (the instrument applies them to the interpreter's builder calls):
 - ``load_bytes``: bytes of every lane a load actually reads (mask true, or every lane of
   an unmasked load), at the element size of the loaded tensor.
 - ``distinct_bytes``: bytes of the distinct addresses among them, over the whole launch.
+- ``store_bytes``: bytes of every lane a store writes (mask true, or every lane of an
+  unmasked store), at the element size of the stored-to tensor: outputs, and any scratch a
+  pass writes for a later pass to read back (each such byte goes to HBM once).
 - ``programs``: programs launched (product of the grid).
 
 From these, with the pattern's useful ``(query, key)`` pairs ``U``:
@@ -36,6 +39,7 @@ class Work:
     load_bytes: int = 0
     distinct_bytes: int = 0
     programs: int = 0
+    store_bytes: int = 0
 
     def __add__(self, other: "Work") -> "Work":
         return Work(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
