@@ -98,17 +98,9 @@ def propagate_labels(
     Returns:
         ``(B, O, h, w)`` float32 label probabilities (zero where no selected key is labelled).
     """
-    if query.dim() != 4 or keys.dim() != 5 or values.dim() != 5:
-        raise ValueError(f"query (B, C, h, w), keys (B, T, C, h, w), values (B, T, O, h, w) expected, got "
-                         f"{tuple(query.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    r = _check_propagation(query, keys, values, radius, topk, temperature)
     B, C, h, w = query.shape
-    T = keys.shape[1]
-    if keys.shape != (B, T, C, h, w) or values.shape[:2] != (B, T) or values.shape[-2:] != (h, w):
-        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} do not match query {tuple(query.shape)}")
-    r = default_radius(h, w) if radius is None else int(radius)
-    if r < 0 or topk < 1 or not temperature > 0:
-        raise ValueError(f"radius >= 0, topk >= 1 and temperature > 0 expected, got {r}, {topk}, {temperature}")
-    O = values.shape[2]
+    T, O = keys.shape[1], values.shape[2]
     # padded keys get a -inf logit through `inside`, padded values are zero anyway
     keys_p = F.pad(keys.float(), (r, r, r, r))
     values_p = F.pad(values.float(), (r, r, r, r))
@@ -121,21 +113,66 @@ def propagate_labels(
             q = rearrange(query[:, :, y0:y0 + ty, x0:x0 + tx].float(), "b c y x -> b (y x) c")
             k = rearrange(keys_p[..., halo[0], halo[1]], "b t c y x -> b c (t y x)")
             v = rearrange(values_p[..., halo[0], halo[1]], "b t o y x -> b (t y x) o")
-            # 0 / -inf bias: out-of-window and padded keys drop out of the top-k and the softmax;
-            # one fused baddbmm applies it with the temperature. Tiles whose halo lies inside
-            # the frame take the cached window bias as it is; border tiles add the padding's -inf.
-            bias = _window_bias(ty, tx, r, T, query.device)
-            if not (r <= y0 and y0 + ty + r <= h and r <= x0 and x0 + tx + r <= w):
-                outside = torch.zeros(inside[halo[0], halo[1]].shape, device=q.device)
-                outside = outside.masked_fill_(~inside[halo[0], halo[1]], float("-inf")).reshape(1, -1).repeat(1, T)
-                bias = bias + outside
-            logits = torch.baddbmm(bias[None].expand(B, -1, -1), q, k, alpha=1.0 / temperature)  # (B, n, T * halo)
-            top, index = logits.topk(min(topk, logits.shape[-1]), dim=-1)
-            weights = top.softmax(dim=-1).nan_to_num(0.0)  # a query with no key at all reads nothing
-            picked = torch.gather(v[:, None].expand(B, q.shape[1], -1, O), 2, index[..., None].expand(-1, -1, -1, O))
-            read = (weights[..., None] * picked).sum(dim=2)  # (B, n, O)
+            bias = _tile_bias(inside[halo[0], halo[1]], (y0, x0), (ty, tx), (h, w), r, T)
+            read = _read_top_keys(q, k, v, bias, topk, temperature)
             out[:, :, y0:y0 + ty, x0:x0 + tx] = rearrange(read, "b (y x) o -> b o y x", y=ty)
     return out
+
+
+def _check_propagation(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, radius: Optional[int],
+                       topk: int, temperature: float) -> int:
+    """Check :func:`propagate_labels`'s arguments; return the search radius in cells."""
+    if query.dim() != 4 or keys.dim() != 5 or values.dim() != 5:
+        raise ValueError(f"query (B, C, h, w), keys (B, T, C, h, w), values (B, T, O, h, w) expected, got "
+                         f"{tuple(query.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    B, C, h, w = query.shape
+    T = keys.shape[1]
+    if keys.shape != (B, T, C, h, w) or values.shape[:2] != (B, T) or values.shape[-2:] != (h, w):
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} do not match query {tuple(query.shape)}")
+    r = default_radius(h, w) if radius is None else int(radius)
+    if r < 0 or topk < 1 or not temperature > 0:
+        raise ValueError(f"radius >= 0, topk >= 1 and temperature > 0 expected, got {r}, {topk}, {temperature}")
+    return r
+
+
+def _tile_bias(inside: torch.Tensor, origin: tuple[int, int], tile: tuple[int, int], size: tuple[int, int],
+               radius: int, frames: int) -> torch.Tensor:
+    """The 0 / -inf logit bias ``(ty * tx, frames * halo)`` of one tile's queries against its key halo.
+
+    Out-of-window keys drop out of the top-k and the softmax. A tile whose halo lies inside the
+    frame takes the cached window bias as it is; a border tile adds the padding's -inf.
+
+    Args:
+        inside: ``(ty + 2r, tx + 2r)`` bool, the halo's cells that lie in the frame.
+        origin: ``(y0, x0)`` of the tile; tile: its ``(ty, tx)``; size: the map's ``(h, w)``.
+    """
+    (y0, x0), (ty, tx), (h, w), r = origin, tile, size, radius
+    bias = _window_bias(ty, tx, r, frames, inside.device)
+    if not (r <= y0 and y0 + ty + r <= h and r <= x0 and x0 + tx + r <= w):
+        outside = torch.zeros(inside.shape, device=inside.device)
+        outside = outside.masked_fill_(~inside, float("-inf")).reshape(1, -1).repeat(1, frames)
+        bias = bias + outside
+    return bias
+
+
+def _read_top_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, topk: int,
+                   temperature: float) -> torch.Tensor:
+    """Each query's labels read from its ``topk`` most similar allowed keys.
+
+    Args:
+        q: ``(B, n, C)`` queries; k: ``(B, C, m)`` keys; v: ``(B, m, O)`` their values;
+        bias: ``(n, m)`` 0 / -inf.
+
+    Returns:
+        ``(B, n, O)``.
+    """
+    B, n, O = q.shape[0], q.shape[1], v.shape[-1]
+    # one fused baddbmm applies the bias with the temperature
+    logits = torch.baddbmm(bias[None].expand(B, -1, -1), q, k, alpha=1.0 / temperature)  # (B, n, m)
+    top, index = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+    weights = top.softmax(dim=-1).nan_to_num(0.0)  # a query with no key at all reads nothing
+    picked = torch.gather(v[:, None].expand(B, n, -1, O), 2, index[..., None].expand(-1, -1, -1, O))
+    return (weights[..., None] * picked).sum(dim=2)
 
 
 def labels_to_values(labels: torch.Tensor, num_objects: int) -> torch.Tensor:
