@@ -2,6 +2,10 @@
 
 Each layer also returns its per-head object affinities for the current (last) frame:
 how strongly each current-frame cell attends to earlier cells of each object.
+
+With causal patterns (a streaming SST) a frame's layer outputs depend only on it and earlier
+frames, so :meth:`SparseEncoder.stream` can keep each layer's keys and values of past frames
+and compute the newest frame's queries only.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from sst_triton import Pattern
-from sst_triton.nn import SparseAttention3d
+from sst_triton.nn import KVCache, SparseAttention3d
 from sst_triton.ops import sparse_attention
 
 ATTENTIONS = ("grid", "local", "strided", "local_strided")
@@ -22,20 +26,22 @@ def make_pattern(
     attn: str,
     kernel_size: Union[int, Sequence[int]] = (7, 7, 7),
     stride: Union[int, Sequence[int]] = (1, 2, 2),
+    causal: bool = False,
 ) -> Union[Pattern, list[Pattern]]:
     """The connectivity of an ``attn`` variant.
 
     ``local_strided`` (the paper's LocalStrided) gives half of the heads the local cube and
-    half the strided pattern.
+    half the strided pattern. ``causal`` keeps only keys of the same or earlier frames (every
+    kind: the grid's time column, the local cube's earlier half, the strided time classes).
     """
     if attn == "grid":
-        return Pattern.grid()
+        return Pattern.grid(causal=causal)
     if attn == "local":
-        return Pattern.local(kernel_size)
+        return Pattern.local(kernel_size, causal=causal)
     if attn == "strided":
-        return Pattern.strided(stride)
+        return Pattern.strided(stride, causal=causal)
     if attn == "local_strided":
-        return [Pattern.local(kernel_size), Pattern.strided(stride)]
+        return [Pattern.local(kernel_size, causal=causal), Pattern.strided(stride, causal=causal)]
     raise ValueError(f"attn must be one of {ATTENTIONS}, got {attn!r}")
 
 
@@ -103,6 +109,37 @@ class EncoderLayer(nn.Module):
         x = rearrange(x, "b c t h w -> b t h w c") + y
         x = x + self.ffn(self.norm2(x))
         return rearrange(x, "b t h w c -> b c t h w"), affinity
+
+    def stream(
+        self, x: torch.Tensor, cache: Optional[KVCache], labels: Optional[torch.Tensor] = None,
+        num_objects: Optional[int] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], KVCache]:
+        """The newest frame only, its queries against the cached keys/values and its own.
+
+        Equal to :meth:`forward`'s newest frame when the patterns are causal and ``cache`` holds
+        this layer's keys/values of the earlier frames of the same clip.
+
+        Args:
+            x: ``(B, C, 1, H, W)`` the newest frame's layer input.
+            cache: keys/values ``(B, kv_heads, T_c, H, W, head_dim)`` of the earlier frames, or
+                ``None`` (no earlier frame).
+            labels: ``(B, T_c + 1, H, W)`` ids of the cached frames then the newest (``-1``), or
+                ``None``: no affinities.
+
+        Returns:
+            ``(B, C, 1, H, W)``, the affinities ``(B, heads, O, H, W)`` (``None`` without labels),
+            and this frame's keys/values ``(B, kv_heads, 1, H, W, head_dim)`` for later frames.
+        """
+        h = rearrange(self.norm1(rearrange(x, "b c t h w -> b t h w c")), "b t h w c -> b c t h w")
+        if labels is None:
+            y, kv = self.attn(h, cache=cache, return_cache=True, cache_frames=1)
+            affinity = None
+        else:
+            y, affinity, kv = self.attn(h, labels, num_objects, cache=cache, return_cache=True, cache_frames=1)
+            affinity = affinity[:, :, :, 0]
+        x = rearrange(x + y, "b c t h w -> b t h w c")
+        x = x + self.ffn(self.norm2(x))
+        return rearrange(x, "b t h w c -> b c t h w"), affinity, kv
 
     def _attend(self, h: torch.Tensor, labels: torch.Tensor, num_objects: int,
                 newest_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,3 +231,30 @@ class SparseEncoder(nn.Module):
             affinities.append(affinity)
         out = self.norm(rearrange(x[:, :, -1], "b c h w -> b h w c"))
         return rearrange(out, "b h w c -> b c h w"), torch.cat(affinities, dim=1)
+
+    def stream(
+        self, x: torch.Tensor, caches: Optional[Sequence[KVCache]], labels: Optional[torch.Tensor] = None,
+        num_objects: Optional[int] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[KVCache]]:
+        """One streaming step: the newest frame through every layer (``T_q = 1``).
+
+        Args:
+            x: ``(B, C, 1, H, W)`` the newest frame, position encoded.
+            caches: per layer, the keys/values of the earlier frames (``None``: no earlier frame).
+            labels: ``(B, T_c + 1, H, W)`` ids of the cached frames then the newest (``-1``), or
+                ``None`` (no affinities: a frame that is only remembered).
+            num_objects: ``O``, with ``labels``.
+
+        Returns:
+            the newest frame's encoding ``(B, C, H, W)``, its affinities ``(B, L * heads, O, H, W)``
+            (``None`` without labels) and its keys/values of every layer, to cache.
+        """
+        if caches is not None and len(caches) != self.depth:
+            raise ValueError(f"caches must hold one KVCache per layer ({self.depth}), got {len(caches)}")
+        affinities, kvs = [], []
+        for i, layer in enumerate(self.layers):
+            x, affinity, kv = layer.stream(x, None if caches is None else caches[i], labels, num_objects)
+            affinities.append(affinity)
+            kvs.append(kv)
+        out = rearrange(self.norm(rearrange(x[:, :, -1], "b c h w -> b h w c")), "b h w c -> b c h w")
+        return out, (None if labels is None else torch.cat(affinities, dim=1)), kvs

@@ -1,6 +1,8 @@
 """Positional encodings over ``(t, y, x)`` added to the frame buffer before the encoder.
 
-Each module maps a grid size ``(T, H, W)`` to a ``(C, T, H, W)`` tensor.
+Each module maps a grid size ``(T, H, W)`` to a ``(C, T, H, W)`` tensor. The sinusoidal one
+also has a streaming form (:meth:`SinusoidalPositionEncoding3d.ring`) whose time code of a frame
+is fixed when the frame arrives, so that cached keys and values stay valid as the buffer slides.
 """
 from __future__ import annotations
 
@@ -30,6 +32,35 @@ def sinusoid(n: int, channels: int, temperature: float = 10000.0, device=None) -
     return torch.cat([angles.sin(), angles.cos()], dim=0)
 
 
+def ring_time_code(frame_index: torch.Tensor, channels: int, period: int) -> torch.Tensor:
+    """The streaming time code: zero for the first frame, a point on a circle for every other.
+
+    A frame's code is fixed when it arrives (it depends on its own index only), so the keys and
+    values a streaming encoder caches never go stale; and it is bounded whatever the length of
+    the video, unlike an absolute index, which reaches values training never saw while the
+    first frame is kept in memory. Frame ``n >= 1`` sits at phase ``2 pi (n mod period) /
+    period`` with harmonics ``1 .. period // 2`` (cycled over the channel pairs): any
+    ``period`` consecutive frames get distinct codes, and the sines and cosines make a code's
+    dot product with another depend on their cyclic distance, so an attention head can read
+    recency relative to the query frame. The first frame (index 0), the one kept while the
+    rest slide, is the only code of norm zero.
+
+    Args:
+        frame_index: ``(B, T)`` int frame indices counted from the first (annotated) frame.
+        channels: even number of channels.
+        period: how many consecutive frames get distinct codes (``tau + 1``).
+
+    Returns:
+        ``(B, channels, T)`` float32.
+    """
+    index = frame_index.long()
+    harmonics = 1 + torch.arange(channels // 2, device=index.device) % max(1, period // 2)
+    phase = (2 * math.pi / period) * (index % period).float()  # (B, T)
+    angles = harmonics[None, :, None].float() * phase[:, None, :]  # (B, channels / 2, T)
+    code = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return code * (index != 0)[:, None, :].float()
+
+
 class SinusoidalPositionEncoding3d(nn.Module):
     """Fixed sines and cosines of ``t``, ``y`` and ``x`` on separate channel groups (no parameters).
 
@@ -56,6 +87,31 @@ class SinusoidalPositionEncoding3d(nn.Module):
             ey[:, None, :, None].expand(cy, T, H, W),
             ex[:, None, None, :].expand(cx, T, H, W),
         ], dim=0)
+
+    def ring(self, size: Sequence[int], frame_index: torch.Tensor, period: int) -> torch.Tensor:
+        """The streaming encoding: :func:`ring_time_code` on the time channels, ``y`` and ``x``
+        as in :meth:`forward`.
+
+        Args:
+            size: ``(H, W)``.
+            frame_index: ``(B, T)`` frame indices counted from the first frame.
+            period: frames with distinct time codes (``tau + 1``).
+
+        Returns:
+            ``(B, C, T, H, W)`` float32.
+        """
+        H, W = size
+        B, T = frame_index.shape
+        ct, cy, cx = self.channels
+        device = frame_index.device
+        et = ring_time_code(frame_index, ct, period)
+        ey = sinusoid(H, cy, self.temperature, device)
+        ex = sinusoid(W, cx, self.temperature, device)
+        return torch.cat([
+            et[:, :, :, None, None].expand(B, ct, T, H, W),
+            ey[None, :, None, :, None].expand(B, cy, T, H, W),
+            ex[None, :, None, None, :].expand(B, cx, T, H, W),
+        ], dim=1)
 
 
 class LearnedPositionEncoding3d(nn.Module):

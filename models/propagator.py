@@ -3,6 +3,11 @@
 Each frame is segmented from a buffer of at most ``tau`` earlier frames (their cached
 embeddings and predicted labels at feature resolution), then joins the buffer. Objects
 can be added at any frame (the YouTube-VOS protocol) and removed.
+
+With a streaming model (``SST(streaming=True)``) the buffer holds every encoder layer's keys
+and values of its frames instead of their embeddings, and a step computes the newest frame's
+queries only (``T_q = 1``): a frame's keys/values are computed once, when it arrives, and
+evicted with it (the first frame's stay).
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sst_triton.nn import KVCache
 
 from .label_propagation import CONTEXT, cell_values, channel_argmax
 from .sst import SST, downsample_labels
@@ -27,10 +34,27 @@ class _Entry:
     """One buffered frame: what the encoder needs of it, nothing at input resolution."""
 
     index: int
-    embedding: torch.Tensor  # (dim, h, w)
+    embedding: Optional[torch.Tensor]  # (dim, h, w); None in a streaming buffer (kv replaces it)
     labels: torch.Tensor  # (h, w) long: 0 background, i + 1 = objects[i], -1 unknown
     keys: Optional[torch.Tensor] = None  # (C, h, w) unit backbone features, for the label prior
     values: Optional[torch.Tensor] = None  # (1 + K, h, w) each cell's share of every object
+    kv: Optional[list[KVCache]] = None  # streaming: per layer (1, kv_heads, 1, h, w, head_dim)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the entry holds (for :meth:`Propagator.buffer_bytes`)."""
+        cached = [t for pair in (self.kv or []) for t in pair]
+        return [t for t in (self.embedding, self.labels, self.keys, self.values, *cached) if t is not None]
+
+
+@dataclass
+class _Frame:
+    """The current frame after the backbone: what the prediction and the buffer read of it."""
+
+    size: tuple[int, int]  # (H, W) of the frame
+    padded: tuple[int, int]  # (Hp, Wp), multiples of the backbone's stride
+    embedding: torch.Tensor  # (1, dim, h, w)
+    skips: list[torch.Tensor]
+    keys: Optional[torch.Tensor]  # (1, C, h, w) unit backbone features, with a label prior
 
 
 class Propagator:
@@ -47,6 +71,11 @@ class Propagator:
     A model with a ``label_prior`` reads it from a longer memory: the first frame and the
     ``prior_context`` most recent ones (their backbone features and predicted cell labels,
     small maps at the backbone's stride), as the training-free baseline does.
+
+    A streaming model (``model.streaming``) keeps each encoder layer's keys/values of the buffer
+    frames instead of their embeddings and computes only the newest frame's queries; its ring
+    time code tells ``model.tau + 1`` frames after the first apart, so ``tau`` may be at most
+    ``model.tau + 1`` with ``keep_first`` and ``model.tau`` without.
 
     Args:
         model: a trained :class:`SST` (put in eval mode).
@@ -65,6 +94,14 @@ class Propagator:
         self.model = model.eval()
         self.tau = int(tau)
         self.keep_first = bool(keep_first)
+        # the frames after the first a step sees: the recent ones and the newest
+        ring = self.tau if self.keep_first else self.tau + 1
+        if model.streaming and ring > model.time_period:
+            raise ValueError(
+                f"tau={self.tau} (keep_first={self.keep_first}) puts {ring} frames after the first in a "
+                f"streaming model's buffer, but its time code tells only tau + 1 = {model.time_period} apart: "
+                f"tau must be <= {model.time_period if self.keep_first else model.tau}"
+            )
         if isinstance(prior_context, bool) or not isinstance(prior_context, numbers.Integral) or prior_context < 0:
             raise ValueError(f"prior_context must be an int >= 0, got {prior_context!r}")
         self.prior_context = int(prior_context)
@@ -99,8 +136,7 @@ class Propagator:
 
     def buffer_bytes(self) -> int:
         """Bytes held by the buffer's and the prior memory's tensors."""
-        return sum(t.numel() * t.element_size() for e in self._entries()
-                   for t in (e.embedding, e.labels, e.keys, e.values) if t is not None)
+        return sum(t.numel() * t.element_size() for e in self._entries() for t in e.tensors())
 
     def remove(self, *object_ids: int) -> None:
         """Stop tracking objects: their pixels become background in the buffer."""
@@ -146,46 +182,85 @@ class Propagator:
             raise ValueError(
                 "no object to segment yet: pass mask= (and optionally objects=) with the first annotated frame"
             )
+        current = self._extract(image)
+        probs, kv = self._predict(current)
+        probs = self._apply_annotation(probs, annotated)
+        self._remember(current, probs, kv)
+        self._index += 1
+        return probs
+
+    def _extract(self, image: torch.Tensor) -> _Frame:
+        """The frame's only backbone pass (padded to the stride)."""
         model = self.model
-        device = next(model.parameters()).device
         H, W = image.shape[-2:]
         Hp, Wp = model.pad_size(H, W)
+        device = next(model.parameters()).device
         padded = F.pad(image[None].to(device), (0, Wp - W, 0, Hp - H), mode="replicate")
-        embedding, skips, keys = model.extract(padded)  # the frame's only backbone pass
+        embedding, skips, keys = model.extract(padded)
+        return _Frame((H, W), (Hp, Wp), embedding, skips, keys)
 
-        buffer = self.buffer
-        K = len(self.objects)
-        if K and buffer:
-            embeddings = torch.stack([e.embedding for e in buffer] + [embedding[0]], dim=1)[None]
+    def _predict(self, current: _Frame) -> tuple[torch.Tensor, Optional[list[KVCache]]]:
+        """Probabilities ``(1 + K, H, W)`` of the current frame from the buffer, and with a
+        streaming model its keys/values of every layer (computed even with nothing to segment:
+        later frames attend to them)."""
+        buffer, K = self.buffer, len(self.objects)
+        (H, W), size = current.size, current.padded
+        propagate = bool(K and buffer)
+        labels = None
+        if propagate:
             labels = torch.stack([e.labels for e in buffer] + [torch.full_like(buffer[0].labels, -1)])[None]
-            prior = None
-            if keys is not None and not self.memory:  # keep_first=False with prior_context=0: no knowledge
-                prior = torch.full((1, K + 1) + keys.shape[-2:], 1.0 / (K + 1), device=keys.device)
-            elif keys is not None:
-                memory = self.memory
-                prior = model.read_prior(keys, torch.stack([e.keys for e in memory])[None],
-                                         torch.stack([e.values for e in memory])[None])
-            logits = model.segment(embeddings, labels, skips, K + 1, (Hp, Wp), prior)[0, :, :H, :W]
-            probs = logits.float().softmax(dim=0)
-        else:
-            # nothing to propagate from: only the annotation says where objects are
-            probs = torch.zeros(K + 1, H, W, device=device)
-            probs[0] = 1.0
-        probs = self._apply_annotation(probs, annotated)
+        logits, kv = None, None
+        if self.model.streaming:
+            caches = self._caches(buffer)
+            if propagate:
+                logits, kv = self.model.segment_newest(current.embedding, self._index, caches, labels, current.skips,
+                                                       K + 1, size, self._prior(current.keys, K))
+            else:
+                kv = self.model.encode_newest(current.embedding, self._index, caches)[2]
+        elif propagate:
+            embeddings = torch.stack([e.embedding for e in buffer] + [current.embedding[0]], dim=1)[None]
+            logits = self.model.segment(embeddings, labels, current.skips, K + 1, size,
+                                        self._prior(current.keys, K))
+        if logits is not None:
+            return logits[0, :, :H, :W].float().softmax(dim=0), kv
+        # nothing to propagate from: only the annotation says where objects are
+        probs = torch.zeros(K + 1, H, W, device=current.embedding.device)
+        probs[0] = 1.0
+        return probs, kv
 
+    def _caches(self, buffer: list[_Entry]) -> Optional[list[KVCache]]:
+        """Per encoder layer, the buffer frames' keys/values in order (``None``: empty buffer)."""
+        if not buffer:
+            return None
+        return [KVCache(torch.cat([e.kv[i].k for e in buffer], dim=2), torch.cat([e.kv[i].v for e in buffer], dim=2))
+                for i in range(len(buffer[0].kv))]
+
+    def _prior(self, keys: Optional[torch.Tensor], K: int) -> Optional[torch.Tensor]:
+        """The label prior ``(1, K + 1, h, w)`` read from the memory (``None`` without a prior)."""
+        if keys is None:
+            return None
+        memory = self.memory
+        if not memory:  # keep_first=False with prior_context=0: no knowledge
+            return torch.full((1, K + 1) + keys.shape[-2:], 1.0 / (K + 1), device=keys.device)
+        return self.model.read_prior(keys, torch.stack([e.keys for e in memory])[None],
+                                     torch.stack([e.values for e in memory])[None])
+
+    def _remember(self, current: _Frame, probs: torch.Tensor, kv: Optional[list[KVCache]]) -> None:
+        """The frame joins the buffer (and the prior's memory) with its predicted labels."""
+        (H, W), (Hp, Wp) = current.size, current.padded
+        stride, O = self.model.stride, len(self.objects) + 1
         labels = F.pad(channel_argmax(probs), (0, Wp - W, 0, Hp - H), value=-1)
-        feature_labels = downsample_labels(labels[None, None], model.stride, len(self.objects) + 1)[0, 0]
-        entry = _Entry(self._index, embedding[0], feature_labels)
-        if keys is not None:
-            entry.keys, entry.values = keys[0], cell_values(labels[None], model.stride, len(self.objects) + 1)[0]
+        feature_labels = downsample_labels(labels[None, None], stride, O)[0, 0]
+        # a streaming buffer needs only the keys/values: the embedding would be dead weight
+        entry = _Entry(self._index, None if kv is not None else current.embedding[0], feature_labels, kv=kv)
+        if current.keys is not None:
+            entry.keys, entry.values = current.keys[0], cell_values(labels[None], stride, O)[0]
         if self.keep_first and self._first is None:
             self._first = entry
         else:
-            self._recent.append(entry)
-            if keys is not None:
+            self._recent.append(entry)  # the deque's maxlen evicts the oldest recent frame
+            if current.keys is not None:
                 self._memory.append(entry)
-        self._index += 1
-        return probs
 
     def _apply_annotation(self, probs: torch.Tensor, annotated: dict[int, torch.Tensor]) -> torch.Tensor:
         """Add new objects' channels and overwrite annotated objects' pixels with the mask."""

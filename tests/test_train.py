@@ -19,7 +19,7 @@ import train
 from vos.checkpoint import load_checkpoint, load_model
 from vos.config import RunConfig
 from vos.datasets import SyntheticClips
-from vos.training import make_batch
+from vos.training import make_batch, ring_frame_index
 
 ROOT = Path(__file__).resolve().parents[1]
 # a model small enough that a step takes milliseconds; the pipeline is what is tested
@@ -94,7 +94,32 @@ def test_bad_arguments_are_refused_before_work(tmp_path):
         train.main(["--frames", "1", "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="nowhere is neither"):
         train.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="--streaming needs --pos-enc sinusoidal or none"):
+        train.main(["--streaming", "--pos-enc", "learned", "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match=r"--frames must be <= tau \+ 2 = 5"):
+        train.main(["--streaming", "--frames", "6", "--out", str(tmp_path / "e")])
     assert not any(tmp_path.iterdir())
+
+
+def test_streaming_run_round_trips_and_validates_with_the_cached_propagator(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--attn", "strided", "--steps", "2", "--streaming", "--out", str(out), *TINY])
+    assert json.loads((out / "config.json").read_text())["model"]["streaming"] is True
+    model, cfg = load_model(out / "ckpt.pt")
+    assert cfg.model.streaming is True and model.streaming is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert evaluate.main(["--checkpoint", str(out / "ckpt.pt"), "--data", "synthetic", "--out", str(tmp_path / "ev"),
+                          "--no-overlays", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["global"]["J&F-Mean"] == metrics["J&F"]
+
+
+def test_streaming_clips_start_at_frame_zero_then_a_random_ring_phase():
+    index = ring_frame_index(tau=3, frames=4, batch_size=64, seed=0, step=7, rank=0)
+    assert index.shape == (64, 4) and bool((index[:, 0] == 0).all())
+    assert torch.equal(index[:, 2:] - index[:, 1:-1], torch.ones(64, 2, dtype=torch.long))  # consecutive
+    assert set(index[:, 1].tolist()) == {1, 2, 3, 4}  # every phase of the tau + 1 ring slots
+    assert torch.equal(index, ring_frame_index(3, 4, 64, seed=0, step=7, rank=0))
+    assert not torch.equal(index, ring_frame_index(3, 4, 64, seed=0, step=8, rank=0))
 
 
 def test_data_order_is_a_function_of_seed_step_and_rank():

@@ -42,6 +42,8 @@ class ModelConfig:
     prior_gate: bool = _opt(True, "scale the decoder's correction of the prior by the prior's uncertainty 4p(1-p)")
     decoder_dim: int = _opt(32, "decoder width")
     scale: Optional[float] = _opt(1.0, "attention logit scale (the paper's 1.0; unset: 1/sqrt(head dim))")
+    streaming: bool = _opt(False, "causal encoder with a ring time code: the propagator caches every layer's "
+                                  "keys/values and computes only the newest frame (trained on causal clips)")
 
 
 @dataclass
@@ -121,6 +123,18 @@ class RunConfig:
             raise ValueError(f"--amp must be none, bf16 or fp16, got {self.optim.amp!r}")
         if not 0 <= self.data.perturb <= 1:
             raise ValueError(f"--perturb must be a probability in [0, 1], got {self.data.perturb}")
+        self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """--streaming's combinations: a time code fixed at a frame's arrival, clips it can order."""
+        if not self.model.streaming:
+            return
+        if self.model.pos_enc == "learned":
+            raise ValueError("--streaming needs --pos-enc sinusoidal or none (a learned table is resized to the "
+                             "clip, so a frame's code would shift as the buffer slides)")
+        if self.clip_frames > self.model.tau + 2:
+            raise ValueError(f"--streaming tells the first frame and tau + 1 = {self.model.tau + 1} later frames "
+                             f"apart: --frames must be <= tau + 2 = {self.model.tau + 2}, got {self.clip_frames}")
 
 
 SECTIONS = ("model", "data", "optim", "eval")

@@ -67,6 +67,15 @@ def make_batch(source, batch_size: int, frames: int, max_objects: int, seed: int
     return torch.stack(videos), torch.stack(labels), counts + 1, valid
 
 
+def ring_frame_index(tau: int, frames: int, batch_size: int, seed: int, step: int, rank: int) -> torch.Tensor:
+    """Frame indices ``(B, T)`` of a streaming model's training clips: the first frame is frame
+    0, the others consecutive from a random ring phase (``1 + p``, ``p`` in ``[0, tau + 1)``), as
+    a long video reaches every phase of the streaming time code."""
+    phase = torch.from_numpy(step_rng(seed, step, rank, 3000).integers(0, tau + 1, batch_size))
+    later = 1 + phase[:, None] + torch.arange(frames - 1)[None, :]
+    return torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), later], dim=1)
+
+
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warm-up then cosine decay to 5% of the peak."""
 
@@ -208,10 +217,14 @@ class Trainer:
         # dropout and any other torch randomness of this step: a function of (seed, step, rank)
         torch.manual_seed(int(step_rng(c.seed, self.step, self.proc.rank, 0).integers(2**62)))
         video, labels, valid = video.to(dev), labels.to(dev), valid.to(dev)
+        frame_index = None
+        if c.model.streaming:
+            frame_index = ring_frame_index(c.model.tau, c.clip_frames, video.shape[0], c.seed, self.step,
+                                           self.proc.rank).to(dev)
         amp = c.optim.amp
         ctx = nullcontext() if amp == "none" else torch.autocast(dev.type, torch.bfloat16 if amp == "bf16" else torch.float16)
         with ctx:
-            logits = self.net(video, labels, num_objects=num_objects)
+            logits = self.net(video, labels, num_objects=num_objects, frame_index=frame_index)
         loss, parts = vos_loss(logits.float(), labels[:, -1], self.step, valid, ramp_steps=max(1, c.optim.steps // 2))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -286,4 +299,4 @@ def train(config: RunConfig, out: Optional[str], resume: bool, device: str = "au
     return run_dir
 
 
-__all__ = ["train", "Trainer", "fit", "make_batch", "step_rng", "lr_lambda", "build_source"]
+__all__ = ["train", "Trainer", "fit", "make_batch", "ring_frame_index", "step_rng", "lr_lambda", "build_source"]
