@@ -38,8 +38,14 @@ from .work import Work
 
 # dQ: TILE_* the query box, BLOCK_M its size, BLOCK_N keys a step. dK/dV: TILE_* the key
 # box, BLOCK_N its size, BLOCK_M queries a step. The first config is the interpreter's.
-# One stage: the blocks are gathers (a 64-bit address per element), and a prefetched second
-# stage spills; each config is kept up to the head dim at which it compiles spill-free.
+# One stage mostly: the blocks are gathers (a 64-bit address per element), and a prefetched
+# second stage spills most tiles; each config is kept up to the head dim at which it compiles spill-free.
+# At D = 128 a dQ box loads 2 * 2 * D bytes of K and V per halo key for 6 * D FLOPs per
+# query (1.5 * BLOCK_M FLOPs per byte from L2): config 6 (32 queries, 8 warps, two stages)
+# is the largest box spill-free there with and without objects on both archs (one stage
+# spills 8 B with objects on sm_90a). 64- and 128-query boxes with 32 keys a step on 4 or 8
+# warps compile spill-free on sm_90a (wgmma) but every one tried spills on sm_80 (96-2264 B),
+# so they are not listed.
 CONFIGS_DQ = [
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),
@@ -47,9 +53,12 @@ CONFIGS_DQ = [
     triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1),
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
     triton.Config({"TILE_T": 1, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
 ]
-HEAD_DIMS_DQ = [(32, 64), (32, 64), (32, 64), (32,), (32, 64), (128,)]
-# the interpreter's config has 8 warps: at 4 warps the same tiles spill at D = 32 on sm_80
+HEAD_DIMS_DQ = [(32, 64), (32, 64), (32, 64), (32,), (32, 64), (128,), (32, 64, 128)]
+# the interpreter's config has 8 warps: at 4 warps the same tiles spill at D = 32 on sm_80.
+# At D = 128 64-key boxes (32 or 64 queries a step, 4 or 8 warps, 1 or 2 stages) spill on
+# sm_90a (256-1100 B; sm_80 takes some spill-free): the key box stays at 32 there.
 CONFIGS_DKDV = [
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=8, num_stages=1),
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1),

@@ -51,16 +51,23 @@ from .work import Work
 # Each config is kept up to the head dim at which it compiles spill-free on sm_80 and sm_90a
 # (``python -m sst_triton.aot --check``): a gathered key block needs a 64-bit address per
 # element, so a second pipeline stage costs as many registers as the block itself.
+# Large head dims need large boxes: a box loads every key of its halo once (2 * 2 * D bytes,
+# bf16 K and V) for 4 * D FLOPs per query, so it issues about BLOCK_M FLOPs per byte it
+# reads from L2; under ~110 (989 TFLOP/s over ~9 TB/s of L2) L2 bounds it before the tensor
+# cores do. At D = 128 the 128-query boxes with 32 keys a step (configs 4, 5) are the ones
+# that compile spill-free with and without objects on both archs (180-254 registers on 8
+# warps: one CTA per SM); every 64-query box tried spills on sm_80 there (72-2020 B at 4
+# and 8 warps, 1-3 stages) and 64 keys a step spill with objects (40-324 B).
 CONFIGS = [
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 4, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1),
     triton.Config({"TILE_T": 2, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1),
     triton.Config({"TILE_T": 1, "TILE_H": 8, "TILE_W": 8, "BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=1),
-    triton.Config({"TILE_T": 2, "TILE_H": 8, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 4, "TILE_H": 4, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+    triton.Config({"TILE_T": 2, "TILE_H": 8, "TILE_W": 8, "BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=1),
 ]
 # the checked head dims (32, 64, 128) each config compiles spill-free at, on sm_80 and sm_90a
-HEAD_DIMS = [(32, 64, 128), (32, 64), (32, 64), (32, 64), (32, 64), (32, 64)]
+HEAD_DIMS = [(32, 64, 128), (32, 64), (32, 64), (32, 64), (32, 64, 128), (32, 64, 128)]
 
 
 def configs_up_to(configs: list, table: list, head_dims: list, bd: int) -> list:
