@@ -44,6 +44,13 @@ from .patterns import Pattern, window_start
 # that the batched matmuls are efficient, small enough that a 64x64x4 video stays
 # within a few tens of MB beyond its inputs.
 PAIRS_PER_CHUNK = 1 << 18
+# (query, key) pairs of one step of the local path: its logits (1 MB at float32) stay in cache
+PAIRS_PER_STEP = 1 << 18
+# bytes of key and value halos of the local path held at once (one chunk of key/value heads)
+HALO_BYTES = 8 << 20
+# the local path's halos hold at most this many copies of a key/value head's K and V; tiles that
+# need more (windows near the video's size) take the gathering path instead
+HALO_COPIES = 4
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -159,29 +166,35 @@ def _grid(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity
 # ----------------------------------------------------------------------------- local
 
 
-def _local_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple[int, int, int], group: int):
-    """Query tile per axis: trades halo waste (keys outside a query's window) for matmul size.
+def _local_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple[int, int, int], group: int,
+                 head_dim: int = 32):
+    """Query tile per axis of :func:`_local`: trades halo waste (keys outside a query's window)
+    for matmul size, or ``None`` when every tile's halos would hold more than ``HALO_COPIES``
+    copies of K and V (or a tile more than ``PAIRS_PER_CHUNK`` pairs).
 
     ``q_sizes`` are the query extents ``(T_q, H, W)``, ``k_sizes`` the key extents ``(T, H, W)``;
-    ``group`` query heads share each tile's keys (GQA): their work counts, their rows do not
-    count against the per-query-head pair budget.
+    ``group`` query heads share each tile's keys (GQA): they are rows of the tile's matmuls.
     """
-    best, best_cost = (1, 1, 1), math.inf
+    best, best_cost = None, math.inf
     cands = [[c for c in (1, 2, 4, 8, 16, 32) if c < L] + [L] for L in q_sizes]
     for tt in cands[0]:
         for ty in cands[1]:
             for tx in cands[2]:
                 tiles = (tt, ty, tx)
                 q_tile = tt * ty * tx
-                halo = math.prod(min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
-                n_tiles = math.prod(-(-L // t) for t, L in zip(tiles, q_sizes))
-                padded = n_tiles * q_tile
-                # measured on 2 cores (T=4, 64x64, k=7, D=32): attention work ~ padded queries * halo
-                # (times the query heads sharing the keys), the halo gather ~ halo / tile (once per
-                # key/value head), and a fixed price per tile (small matmuls)
-                cost = group * padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
-                if q_tile * halo > PAIRS_PER_CHUNK:
+                ht, hy, hx = (min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
+                nt, ny, nx = (-(-L // t) for t, L in zip(tiles, q_sizes))
+                if q_tile * ht * hy * hx > PAIRS_PER_CHUNK or nt * ht * nx * hx > HALO_COPIES * k_sizes[0] * k_sizes[2]:
                     continue
+                rows = group * q_tile
+                pairs = group * nt * ny * nx * q_tile * ht * hy * hx
+                # fitted on one thread (T=4, 64x64, k=7, D=32, T_q = 1 and 4; rms 4% of the time): a
+                # (query, key) pair costs 2.0 ns + 15 ns / rows (small matmuls are less efficient;
+                # the softmax part does not scale with D), the key and value halos cost their
+                # copy, 0.93 ns per element, once per (time tile, x tile) over the whole height
+                pair_ns = (2.0 + 15.0 / rows) * (0.4 + 0.6 * head_dim / 32)
+                copy_ns = 0.93 * 2 * nt * ht * nx * hx * k_sizes[1] * head_dim
+                cost = pairs * pair_ns + copy_ns
                 if cost < best_cost:
                     best, best_cost = tiles, cost
     return best
@@ -213,13 +226,200 @@ def _local_axis(pattern: Pattern, axis: int, length: int, tile: int, device, q_s
     return start, valid, key, query
 
 
+def _classes(valid: torch.Tensor) -> list[int]:
+    """Class id per tile of one axis: tiles with the same window mask ``(tile, halo)`` share an id."""
+    return torch.unique(valid.flatten(1), dim=0, return_inverse=True)[1].tolist()
+
+
 def _local(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity, need_lse):
-    """Undilated local windows (a dilated pattern reaches here once per dilation sub-sequence)."""
+    """Undilated local windows (a dilated pattern reaches here once per dilation sub-sequence).
+
+    Keys and values are copied once per call into the halos of the (time tile, x tile) pairs,
+    rows in ``(y, t, x)`` order: the halo of a query tile (rows ``sy .. sy + hy`` of its pair's
+    halo) is then one contiguous block, a view, and no tile gathers its keys. The key/value
+    heads go in chunks whose halos fit a few MB (reused buffers: no fresh pages per call step),
+    and a step (one time tile, one row of tiles, a chunk of x tiles) is batched products on a
+    logits buffer of ``PAIRS_PER_STEP`` pairs: ``Q K^T`` (queries pre-scaled), ``+ bias`` (the
+    window mask), softmax, ``P V``.
+    """
+    B, N, T_q, H, W, D = q.shape
+    M, T = k.shape[1], k.shape[2]
+    G, t0 = N // M, T - T_q
+    BM = B * M
+    dev = q.device
+    tiles = _local_tiles(pattern, (T_q, H, W), (T, H, W), G, D)
+    if tiles is None:
+        return _local_gather(q, k, v, pattern, scale, labels, num_objects, causal_affinity, need_lse)
+    tt, ty, tx = tiles
+    (_, vt, kt, qt), (_, vy, ky, _), (_, vx, kx, _) = (
+        _local_axis(pattern, a, L, t, dev, s, n)
+        for a, (L, t, s, n) in enumerate(zip((T, H, W), (tt, ty, tx), (t0, 0, 0), (T_q, H, W)))
+    )
+    nt, ny, nx = vt.shape[0], vy.shape[0], vx.shape[0]
+    ht, hy, hx = kt.shape[1], ky.shape[1], kx.shape[1]
+    st, sy, sx = kt[:, 0].tolist(), ky[:, 0].tolist(), kx[:, 0].tolist()
+    # the time axis carries causality (and the strict-earlier rule of affinities); all axes are separable
+    if pattern.causal:
+        vt = vt & (kt[:, None, :] <= qt[..., None])
+    et = (vt & (kt[:, None, :] < qt[..., None]) if causal_affinity else vt) if labels is not None else vt
+    padded = (nt * tt, ny * ty, nx * tx)
+    rows, halo = G * tt * ty * tx, hy * ht * hx
+    # without autograd (inference, no_grad) steps write into preallocated, reused buffers; under
+    # autograd (the backward recomputes this forward) every op is functional
+    inplace = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    # key/value heads per chunk: a divisor of B*N_kv whose key and value halos fit HALO_BYTES
+    per_head = 2 * nt * nx * H * ht * hx * D * q.element_size()
+    hc = max([d for d in range(1, BM + 1) if BM % d == 0 and d * per_head <= HALO_BYTES] or [1])
+    hb = BM // hc
+
+    # queries (and outputs) per chunk of heads and row of tiles: rows (g, tt, ty, tx) of one matmul
+    # per tile, the G query heads of a key/value head among them (K and V are read once per kv
+    # head); tiles as (x tile, head) pairs on one batch axis, the order of the key/value halos
+    q_view = rearrange(_pad_cells(q, padded), "b (m g) (nt tt) (ny ty) (nx tx) d -> (b m) nt ny nx (g tt ty tx) d",
+                       g=G, tt=tt, ty=ty, tx=tx)
+    q_view = rearrange(q_view, "(hb hc) nt ny nx r d -> hb nt ny (nx hc) r d", hc=hc)
+    if inplace:
+        q_l = torch.mul(q_view, scale, out=q.new_empty(q_view.shape))
+    else:
+        q_l = q_view.contiguous() * scale
+    out_l = q.new_empty(q_l.shape)
+    lse_l = q.new_empty(q_l.shape[:-1]) if need_lse else None
+    k_r, v_r = (rearrange(x, "b m t h w d -> (b m) h t w d") for x in (k, v))
+    if labels is not None:
+        lab_r = rearrange(labels, "b t h w -> b h t w")
+        lab_l = torch.stack([lab_r[:, :, s:s + ht, r:r + hx] for s in st for r in sx]).unflatten(0, (nt, nx))
+        aff_l = q.new_empty(*q_l.shape[:-1], num_objects)
+    # a step covers a chunk of x tiles of one row of tiles: its logits stay within a cache-sized buffer
+    x_chunk = max(1, min(nx, PAIRS_PER_STEP // (hc * rows * halo)))
+    if inplace:
+        buf = q.new_empty(x_chunk * hc, rows, halo)
+        k_l, v_l = (q.new_empty(nt, nx * hc, H, ht, hx, D) for _ in range(2))
+
+    def mask_of(t_mask: torch.Tensor, it: int, j: int, x0: int, x1: int) -> torch.Tensor:
+        m = t_mask[it][None, :, None, None, None, :, None] & vy[j][None, None, :, None, :, None, None]
+        m = m & vx[x0:x1, None, None, :, None, None, :]  # (nx, tt, ty, tx, hy, ht, hx)
+        return rearrange(m, "nx tt ty tx hy ht hx -> nx 1 (tt ty tx) (hy ht hx)")
+
+    # steps away from the borders share one window pattern: build each mask once
+    cls_t = _classes(torch.cat([vt, et], dim=-1))
+    cls_y, cls_x = _classes(vy), _classes(vx)
+    masks: dict = {}
+
+    def masks_of(it: int, j: int, x0: int, x1: int):
+        key = (cls_t[it], cls_y[j], tuple(cls_x[x0:x1]))
+        if key not in masks:
+            m = mask_of(vt, it, j, x0, x1)
+            # the window mask (small, per tile) repeats over the G query heads' rows; the keys do not
+            m = rearrange([m] * G, "g c 1 q k -> c 1 (g q) k")
+            bias = torch.zeros(m.shape, dtype=q.dtype, device=dev).masked_fill_(~m, float("-inf"))
+            # (x tiles, 1, rows, halo) broadcasts over the heads of a chunk; one head needs no view
+            masks[key] = (bias[:, 0] if hc == 1 else bias, mask_of(et, it, j, x0, x1) if labels is not None else None)
+        return masks[key]
+
+    for h in range(hb):
+        heads = slice(h * hc, (h + 1) * hc)
+        halos = [x[heads, :, s:s + ht, r:r + hx] for x in (k_r, v_r) for s in st for r in sx]
+        if inplace:
+            dsts = [d for x in (k_l, v_l) for d in x.unflatten(1, (nx, hc)).flatten(0, 1).unbind(0)]
+            for dst, src in zip(dsts, halos):
+                dst.copy_(src)
+        else:
+            k_l, v_l = (torch.stack(halos[i * nt * nx:(i + 1) * nt * nx]).unflatten(0, (nt, nx)).flatten(1, 2)
+                        for i in range(2))
+        if labels is not None:
+            lab_b = torch.arange(h * hc, (h + 1) * hc, device=dev) // M  # batch of each head of the chunk
+        # Python-side work per step is a few ops: views of whole rows are taken once per row
+        whole = x_chunk >= nx
+        for it in range(nt):
+            q_h, out_h = q_l[h, it], out_l[h, it]
+            k_t, v_t = k_l[it], v_l[it]
+            for j in range(ny):
+                y0 = sy[j]
+                kj, vj = k_t[:, y0:y0 + hy].flatten(1, 3), v_t[:, y0:y0 + hy].flatten(1, 3)  # (nx * hc, halo, D)
+                q_j, out_j = q_h[j], out_h[j]
+                for x0 in range(0, nx, x_chunk):
+                    x1 = min(nx, x0 + x_chunk)
+                    c, a, b = x1 - x0, x0 * hc, x1 * hc
+                    bias, elig = masks_of(it, j, x0, x1)
+                    if whole:
+                        qb, kb, vb, ob = q_j, kj.transpose(1, 2), vj, out_j
+                    else:
+                        qb, kb, vb, ob = q_j[a:b], kj[a:b].transpose(1, 2), vj[a:b], out_j[a:b]
+                    if inplace:
+                        logits = torch.bmm(qb, kb, out=buf if whole else buf[:b - a])
+                        (logits if hc == 1 else logits.view(c, hc, rows, halo)).add_(bias)
+                    else:
+                        logits = torch.bmm(qb, kb)
+                        logits = logits + bias if hc == 1 else (logits.view(c, hc, rows, halo) + bias).flatten(0, 1)
+                    if need_lse:
+                        lse_l[h, it, j, a:b] = torch.logsumexp(logits, dim=-1)
+                    if inplace:
+                        # in place (the aten op itself: softmax(out=) reaches it through a composite)
+                        probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+                        torch.bmm(probs, vb, out=ob)
+                    else:
+                        probs = torch.softmax(logits, dim=-1)
+                        ob.copy_(torch.bmm(probs, vb))
+                    if labels is not None:
+                        lab = lab_l[it, x0:x1][:, lab_b, y0:y0 + hy].flatten(-3)[:, :, None]  # (c, hc, 1, halo)
+                        key_lab = torch.where(elig, lab, -1).flatten(0, 1)  # (c * hc, q, halo)
+                        a_ = _affinity(probs.view(c * hc, G, -1, halo), key_lab, num_objects)
+                        aff_l[h, it, j, a:b] = a_.view(c * hc, rows, num_objects)
+    crop = (slice(None), slice(None), slice(0, T_q), slice(0, H), slice(0, W))
+
+    def untile(x: torch.Tensor) -> torch.Tensor:
+        # (hb, nt, ny, nx * hc, rows, C) -> (B, N, T_q, H, W, C)
+        x = rearrange(x, "hb nt ny (nx hc) r c -> (hb hc) nt ny nx r c", hc=hc)
+        return rearrange(x, "(b m) nt ny nx (g tt ty tx) c -> b (m g) (nt tt) (ny ty) (nx tx) c",
+                         b=B, g=G, tt=tt, ty=ty, tx=tx)[crop]
+
+    out = untile(out_l)
+    lse = untile(lse_l[..., None])[..., 0] if need_lse else None
+    if labels is None:
+        return out, None, lse
+    return out, rearrange(untile(aff_l), "b n t h w o -> b n o t h w"), lse
+
+
+def _gather_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple[int, int, int], group: int):
+    """Query tile per axis of :func:`_local_gather`: trades halo waste for matmul size.
+
+    ``q_sizes`` are the query extents ``(T_q, H, W)``, ``k_sizes`` the key extents ``(T, H, W)``;
+    ``group`` query heads share each tile's keys (GQA): their work counts, their rows do not
+    count against the per-query-head pair budget.
+    """
+    best, best_cost = (1, 1, 1), math.inf
+    cands = [[c for c in (1, 2, 4, 8, 16, 32) if c < L] + [L] for L in q_sizes]
+    for tt in cands[0]:
+        for ty in cands[1]:
+            for tx in cands[2]:
+                tiles = (tt, ty, tx)
+                q_tile = tt * ty * tx
+                halo = math.prod(min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
+                n_tiles = math.prod(-(-L // t) for t, L in zip(tiles, q_sizes))
+                padded = n_tiles * q_tile
+                # measured on 2 cores (T=4, 64x64, k=7, D=32): attention work ~ padded queries * halo
+                # (times the query heads sharing the keys), the halo gather ~ halo / tile (once per
+                # key/value head), and a fixed price per tile (small matmuls)
+                cost = group * padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
+                if q_tile * halo > PAIRS_PER_CHUNK:
+                    continue
+                if cost < best_cost:
+                    best, best_cost = tiles, cost
+    return best
+
+
+def _local_gather(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity, need_lse):
+    """Undilated local windows, each block of query tiles gathering its key halos (``index_select``).
+
+    Memory per step is bounded by the chunk whatever the window; :func:`_local` takes this path
+    when its whole-video halos would hold too many copies of K and V (windows near the video's
+    size, where tiles must be tiny).
+    """
     B, N, T_q, H, W, D = q.shape
     M, T = k.shape[1], k.shape[2]
     G, t0 = N // M, T - T_q
     dev = q.device
-    tt, ty, tx = _local_tiles(pattern, (T_q, H, W), (T, H, W), G)
+    tt, ty, tx = _gather_tiles(pattern, (T_q, H, W), (T, H, W), G)
     (_, vt, kt, qt), (_, vy, ky, _), (_, vx, kx, _) = (
         _local_axis(pattern, a, L, t, dev, s, n)
         for a, (L, t, s, n) in enumerate(zip((T, H, W), (tt, ty, tx), (t0, 0, 0), (T_q, H, W)))

@@ -1,4 +1,6 @@
 """The PyTorch (CPU) path against the dense, masked float64 reference."""
+import math
+
 import pytest
 import torch
 from einops import rearrange
@@ -207,3 +209,100 @@ def test_gradcheck_float64_through_out_and_affinity(pattern):
     assert torch.autograd.gradcheck(
         lambda q, k, v: torch_path.sparse_attention(q, k, v, pattern, 0.9), (q, k, v), fast_mode=True
     )
+
+
+# ------------------------------------------------------------------ the local path's tiles and steps
+
+# (pattern, N_kv, G, T_q, T, H, W): few query frames against more key frames, with every option the
+# local path serves: clip and shift, causal, dilation, GQA, windows larger than the video, odd sizes
+STREAMING_LOCAL = [
+    (Pattern.local(7), 2, 1, 1, 4, 9, 11),
+    (Pattern.local((3, 5, 5), causal=True), 1, 3, 1, 4, 7, 6),
+    (Pattern.local((5, 3, 7), boundary="shift"), 2, 2, 2, 5, 6, 9),
+    (Pattern.local((3, 3, 3), boundary="shift", causal=True), 1, 2, 2, 3, 5, 5),
+    (Pattern.local((3, 5, 3), dilation=(2, 2, 3)), 1, 2, 1, 4, 9, 8),
+    (Pattern.local((5, 3, 3), boundary="shift", dilation=(1, 3, 2)), 2, 1, 2, 6, 7, 7),
+    (Pattern.local(9), 1, 2, 1, 2, 3, 5),
+    (Pattern.local((1, 3, 3)), 2, 1, 3, 3, 1, 4),
+]
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("causal_affinity", [True, False])
+@pytest.mark.parametrize("pattern,n_kv,group,T_q,T,H,W", STREAMING_LOCAL,
+                         ids=[f"{_id(c[0])}-dil{c[0].dilation}-Tq{c[3]}of{c[4]}-G{c[2]}" for c in STREAMING_LOCAL])
+def test_local_few_query_frames_match_reference_with_gradients(pattern, n_kv, group, T_q, T, H, W, causal_affinity,
+                                                                with_lse):
+    """T_q < T on the local path (tiles of the query frames only, key halos of every frame) with
+    labels, lse and GQA: the float64 reference to 1e-4 forward and 1e-3 in every gradient."""
+    torch.manual_seed(T_q * 100 + H * 10 + W)
+    B, D, O = 2, 8, 3
+    q = torch.randn(B, n_kv * group, T_q, H, W, D, requires_grad=True)
+    k, v = (torch.randn(B, n_kv, T, H, W, D, requires_grad=True) for _ in range(2))
+    labels = _labels(B, T, H, W, O)
+    res = sparse_attention(q, k, v, pattern, 0.6, labels=labels, num_objects=O, causal_affinity=causal_affinity,
+                           return_lse=with_lse)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(qd, kd, vd, pattern, 0.6, labels, O, causal_affinity, return_lse=with_lse)
+    assert res[0].shape == (B, n_kv * group, T_q, H, W, D) and res[1].shape == (B, n_kv * group, O, T_q, H, W)
+    for r, e in zip(res, ref):
+        torch.testing.assert_close(r.double(), e, atol=1e-4, rtol=1e-4)
+    w = tuple(torch.randn_like(e) for e in ref)
+    for g, rg in zip(_grads(res, (q, k, v), w), _grads(ref, (qd, kd, vd), w)):
+        torch.testing.assert_close(g.double(), rg, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("T_q", [1, 2, 4])
+def test_local_tiles_and_steps_do_not_change_the_result(monkeypatch, T_q):
+    """Every tile shape the cost model may pick, with key/value heads split over several halo
+    chunks and rows of tiles over several steps, and the gathering path (``None``: no tile fits
+    the halo budget), gives the reference's answer (outputs, affinities, lse), with and without
+    autograd (in-place buffers vs functional ops)."""
+    torch.manual_seed(T_q)
+    B, N, N_kv, T, H, W, D, O = 2, 4, 2, 4, 7, 9, 4, 3
+    pattern = Pattern.local((5, 3, 5), boundary="shift")
+    q = torch.randn(B, N, T_q, H, W, D)
+    k, v = (torch.randn(B, N_kv, T, H, W, D) for _ in range(2))
+    labels = _labels(B, T, H, W, O)
+    ref = reference_attention(q.double(), k.double(), v.double(), pattern, 0.8, labels, O, return_lse=True)
+    # one key/value head per halo chunk (4 chunks of B * N_kv) and a step per x tile
+    monkeypatch.setattr(torch_path, "HALO_BYTES", 1)
+    monkeypatch.setattr(torch_path, "PAIRS_PER_STEP", 1)
+    for tiles in [(1, 1, 1), (1, 2, 4), (2, 4, 2), (4, 8, 16), (1, 7, 9), None]:
+        monkeypatch.setattr(torch_path, "_local_tiles", lambda *args, tiles=tiles: tiles)
+        for grad in (False, True):
+            ins = [x.clone().requires_grad_(grad) for x in (q, k, v)]
+            res = torch_path.sparse_attention(*ins, pattern, 0.8, labels, O, True, return_lse=True)
+            for r, e in zip(res, ref):
+                torch.testing.assert_close(r.double(), e, atol=1e-5, rtol=1e-5, msg=f"tiles {tiles} grad {grad}")
+
+
+def test_local_cost_model_keeps_the_halo_waste_small():
+    """One query frame against 4 cached frames (window 7 spans all of them) and a recompute of the
+    4 frames: the recompute's tiles take every frame (their halo is shared by 4x the queries), and
+    both keep a tile's halo within 2.5x the 196 keys a query attends (bigger tiles waste pairs).
+    No tile exceeds the pair budget of one matmul."""
+    p = Pattern.local(7)
+    step = torch_path._local_tiles(p, (1, 64, 64), (4, 64, 64), 1, 32)
+    full = torch_path._local_tiles(p, (4, 64, 64), (4, 64, 64), 1, 32)
+    assert full[0] == 4
+    for tiles in (step, full):
+        halo = math.prod(min(t + 6, L) for t, L in zip(tiles, (4, 64, 64)))
+        assert halo <= 2.5 * 196, tiles
+        assert math.prod(tiles) * halo <= torch_path.PAIRS_PER_CHUNK
+
+
+def test_local_bfloat16_and_float64_inputs():
+    """bfloat16 is computed in float32 (close to the reference at bf16's rounding); float64 (gradcheck's
+    dtype) in float64 to 1e-10, with a streaming step and GQA."""
+    torch.manual_seed(5)
+    pattern = Pattern.local((3, 5, 3), causal=True)
+    q = torch.randn(1, 4, 1, 6, 7, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 3, 6, 7, 8, dtype=torch.float64) for _ in range(2))
+    ref = reference_attention(q, k, v, pattern, 0.5)
+    out64 = torch_path.sparse_attention(q, k, v, pattern, 0.5)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, ref, atol=1e-10, rtol=1e-10)
+    out16 = sparse_attention(*(x.bfloat16() for x in (q, k, v)), pattern, 0.5)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.double(), ref, atol=3e-2, rtol=3e-2)
