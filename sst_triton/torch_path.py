@@ -7,6 +7,8 @@ matmuls handle well, instead of gathering ``|I_p|`` keys per query:
   one axis each, joined under one softmax (the query itself is kept in the row only);
 - local: a tile of neighbouring queries attends to the halo of keys that covers all
   of its windows (tile + kernel - 1 per axis), with a mask cutting each query's window;
+  K and V are copied once per call into the x-halos of the tiles, rows in ``(y, t, x)``
+  order, so that every tile's halo is a contiguous view (no gather per tile);
   a dilated window is the plain window inside each dilation sub-sequence (strided views);
 - strided: a rearrange puts every residue class ``(t mod st, y mod sh, x mod sw)`` on a
   batch axis, and attention inside each class is dense.
@@ -237,10 +239,11 @@ def _local(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinit
     Keys and values are copied once per call into the halos of the (time tile, x tile) pairs,
     rows in ``(y, t, x)`` order: the halo of a query tile (rows ``sy .. sy + hy`` of its pair's
     halo) is then one contiguous block, a view, and no tile gathers its keys. The key/value
-    heads go in chunks whose halos fit a few MB (reused buffers: no fresh pages per call step),
-    and a step (one time tile, one row of tiles, a chunk of x tiles) is batched products on a
-    logits buffer of ``PAIRS_PER_STEP`` pairs: ``Q K^T`` (queries pre-scaled), ``+ bias`` (the
-    window mask), softmax, ``P V``.
+    heads go in chunks whose halos fit ``HALO_BYTES`` (buffers reused from chunk to chunk; larger
+    ones measured slower: cache misses, and fresh pages on every call past malloc's 32 MB mmap
+    threshold), and a step (one time tile, one row of tiles, a chunk of x tiles) is batched
+    products on a logits buffer of ``PAIRS_PER_STEP`` pairs: ``Q K^T`` (queries pre-scaled),
+    ``+ bias`` (the window mask), softmax, ``P V``.
     """
     B, N, T_q, H, W, D = q.shape
     M, T = k.shape[1], k.shape[2]
