@@ -110,13 +110,14 @@ def compulsory_bytes(p: Problem, kernel: str, eb: int) -> int:
         return _q_bytes(p, eb) + 2 * _kv_bytes(p, eb) + labels + written_bytes(p, kernel, eb)
     # q, dO, k, v, lse, Delta (+ argmax, affinity gradient) read
     reads = 2 * _q_bytes(p, eb) + 2 * _kv_bytes(p, eb) + 2 * stats + 2 * _obj_bytes(p)
-    if kernel == "bwd":
+    if kernel in ("bwd", "dq+dkdv"):
         return reads + _q_bytes(p, eb) + 2 * _kv_bytes(p, eb)
     return reads + written_bytes(p, kernel, eb)
 
 
 def useful_flops(p: Problem, kernel: str) -> float:
-    per_pair = {"fwd": 4, "dq": 6, "dkdv": 8, "bwd": 10}[kernel]
+    # "dq+dkdv": a fused kernel computing the whole backward, as "bwd"
+    per_pair = {"fwd": 4, "dq": 6, "dkdv": 8, "bwd": 10, "dq+dkdv": 10}[kernel]
     return float(per_pair * p.D * useful_pairs(p))
 
 
@@ -202,7 +203,9 @@ def forward_estimates(p: Problem, device: Device) -> list[Estimate]:
     ]
 
 
-def backward_estimates(p: Problem, device: Device) -> list[tuple[Estimate, Estimate]]:
+def backward_estimates(p: Problem, device: Device) -> list[tuple[Estimate, ...]]:
+    """Per candidate configuration: ``(dq, dkdv)`` estimates, or ``(dq+dkdv,)`` for a module
+    whose kernels compute the three gradients at once (its model returns one Work)."""
     module = sys.modules[BACKWARD[p.pattern.kind].__module__]
     model = getattr(module, "work_backward", None)
     if model is None:
@@ -215,7 +218,11 @@ def backward_estimates(p: Problem, device: Device) -> list[tuple[Estimate, Estim
     # (the other kernel at its first configuration; the model returns both)
     for i in range(max(len(dqs), len(dkdvs))):
         cdq, cdkdv = dqs[min(i, len(dqs) - 1)], dkdvs[min(i, len(dkdvs) - 1)]
-        w_dq, w_dkdv = _call_model(model, (p, cdq, cdkdv), ELEMENT_BYTES)
+        works = _call_model(model, (p, cdq, cdkdv), ELEMENT_BYTES)
+        if len(works) == 1:
+            out.append((estimate(p, "dq+dkdv", works[0], config_text(cdq), device),))
+            continue
+        w_dq, w_dkdv = works
         out.append((estimate(p, "dq", w_dq, config_text(cdq), device),
                     estimate(p, "dkdv", w_dkdv, config_text(cdkdv), device)))
     return out
@@ -227,7 +234,7 @@ def _row(case: str, kernel: str, e: Estimate, p: Problem, device: Device, mark: 
     useful = useful_flops(p, kernel)
     w = e.work
     return (
-        f"{case:<28}{kernel:<7}{e.config:<58}{w.exp / U:>7.2f}{w.reuse:>7.2f}{w.exp / 1e6:>9.1f}"
+        f"{case:<28}{kernel:<8}{e.config:<57}{w.exp / U:>7.2f}{w.reuse:>7.2f}{w.exp / 1e6:>9.1f}"
         f"{w.dot_flops / 1e9:>9.2f}{w.load_bytes / 2**20:>10.1f}{e.hbm_bytes / 2**20:>9.1f}"
         f"{compulsory_bytes(p, kernel, ELEMENT_BYTES) / 2**20:>9.1f}{useful / 1e9:>9.2f}{e.seconds * 1e6:>9.1f}"
         f"  {e.bound:<6}{useful / e.seconds / 1e12:>8.1f}{100 * roof / e.seconds:>7.1f}%{mark}"
@@ -235,7 +242,7 @@ def _row(case: str, kernel: str, e: Estimate, p: Problem, device: Device, mark: 
 
 
 HEADER = (
-    f"{'case':<28}{'kernel':<7}{'config':<58}{'E':>7}{'L':>7}{'Mexp':>9}{'MMA GF':>9}{'load MB':>10}"
+    f"{'case':<28}{'kernel':<8}{'config':<57}{'E':>7}{'L':>7}{'Mexp':>9}{'MMA GF':>9}{'load MB':>10}"
     f"{'HBM MB':>9}{'comp MB':>9}{'use GF':>9}{'est us':>9}  {'by':<6}{'uTF/s':>8}{'roof':>8}"
 )
 
@@ -260,19 +267,21 @@ def report(device: Device = H100, all_configs: bool = False) -> str:
             lines.append(f"{case.name:<28}fwd   (no estimate: {type(exc).__name__}: {exc})")
         try:
             bwd = backward_estimates(p, device)
-            best_dq = min((pair[0] for pair in bwd), key=lambda e: e.seconds)
-            best_dkdv = min((pair[1] for pair in bwd), key=lambda e: e.seconds)
-            for kernel, ests, best in (("dq", [b[0] for b in bwd], best_dq), ("dkdv", [b[1] for b in bwd], best_dkdv)):
+            # each kernel's best estimate among its configurations (dq, dkdv; or the fused one)
+            kernels = [b.kernel for b in bwd[0]]
+            per_kernel = [[b[i] for b in bwd] for i in range(len(kernels))]
+            bests = [min(ests, key=lambda e: e.seconds) for ests in per_kernel]
+            for kernel, ests, best in zip(kernels, per_kernel, bests):
                 seen = set()
                 for e in ests:
                     if e.config in seen or not (all_configs or e is ests[0] or e is best):
                         continue
                     seen.add(e.config)
                     lines.append(_row(case.name, kernel, e, p, device, "  <- autotuned" if e is best else ""))
-            total = best_dq.seconds + best_dkdv.seconds
+            total = sum(best.seconds for best in bests)
             roof = roof_seconds(p, "bwd", device)
             lines.append(
-                f"{case.name:<28}bwd   dQ + dK/dV autotuned: est {total * 1e6:.1f} us, "
+                f"{case.name:<28}bwd   {' + '.join(kernels)} autotuned: est {total * 1e6:.1f} us, "
                 f"{useful_flops(p, 'bwd') / total / 1e12:.1f} useful TFLOP/s (10 D U), "
                 f"{100 * roof / total:.1f}% of the backward roofline ({roof * 1e6:.1f} us)"
             )
@@ -295,9 +304,11 @@ def issue_table() -> str:
         U = useful_pairs(p)
         cells = []
         try:
-            works = [fwd_module.work_forward(p, fwd_module.CONFIGS[0]),
-                     *bwd_module.work_backward(p, bwd_module.CONFIGS_DQ[0], bwd_module.CONFIGS_DKDV[0])]
+            bwd = bwd_module.work_backward(p, bwd_module.CONFIGS_DQ[0], bwd_module.CONFIGS_DKDV[0])
+            works = [fwd_module.work_forward(p, fwd_module.CONFIGS[0]), *bwd]
             cells = [f"E {w.exp / U:5.2f} L {w.reuse:5.2f}" for w in works]
+            if len(bwd) == 1:  # one fused kernel computes dQ, dK and dV
+                cells[1] += " (dQ+dK/dV fused)"
         except Exception as exc:
             cells = [f"({type(exc).__name__})"] * 3
         lines.append(f"{label:<16} | " + " | ".join(cells))

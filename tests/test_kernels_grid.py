@@ -129,10 +129,14 @@ def _check_backward(shape, causal, causal_affinity, labels, config_dq=None, conf
 
 
 BACKWARD_CONFIG_CASES = [
-    (0, (1, 2, 1, 1, 2, 17, 18, 8)),  # 2 tiles and 2 blocks per axis, GQA, a frame without queries
-    (1, (1, 1, 1, 2, 2, 3, 36, 8)),
-    (2, (1, 1, 1, 2, 2, 3, 36, 8)),
-    (3, (1, 1, 1, 2, 2, 3, 36, 8)),
+    # 2 key blocks and 2 query blocks per axis (dQ read back by the second key block), GQA, a
+    # frame without queries
+    (0, (1, 2, 1, 1, 2, 17, 18, 8)),
+    (1, (1, 1, 1, 2, 2, 3, 36, 8)),  # a row in one key block, two query blocks
+    (2, (1, 1, 1, 2, 2, 3, 36, 8)),  # two key blocks of 32 along the row
+    (3, (1, 1, 1, 2, 2, 17, 5, 8)),  # two key blocks of 16 along the column
+    (4, (1, 2, 1, 2, 3, 3, 36, 8)),
+    (5, (1, 1, 1, 2, 2, 3, 40, 8)),
 ]
 
 
@@ -164,8 +168,7 @@ def test_grids_fit_cuda_limits_at_sizes_the_interpreter_cannot_run():
             out, _, lse, _ = triton_path.forward(q, q, q, pattern)
             attention_backward(q, q, q, q, out, lse, pattern, 1.0)
         names = {name for name, _ in seen}
-        assert names == {"grid_fwd_rows", "grid_fwd_cols", "grid_bwd_dq_rows", "grid_bwd_dq_cols",
-                         "grid_bwd_dkdv_rows", "grid_bwd_dkdv_cols"}
+        assert names == {"grid_fwd_rows", "grid_fwd_cols", "grid_bwd_rows", "grid_bwd_cols"}
         for name, grid in seen:
             assert len(grid) == 1 and 0 < grid[0] <= GRID_LIMITS[0], (name, grid)
         # the folded grid really carries T*H (or B*N): more programs than an axis y could hold
@@ -181,8 +184,8 @@ def test_work_model_meets_issue_11_at_its_shape():
     for pattern in (Pattern.grid(), Pattern.grid(causal=True)):
         p = Problem(1, 1, 1, 4, 4, 24, 40, 32, pattern, num_obj=3)
         fwd = grid_fwd.work_forward(p, grid_fwd.CONFIGS[0])
-        dq, dkdv = grid_bwd.work_backward(p, grid_bwd.CONFIGS_DQ[0], grid_bwd.CONFIGS_DKDV[0])
-        for work in (fwd, dq, dkdv):
+        (bwd,) = grid_bwd.work_backward(p, grid_bwd.CONFIGS[0])  # dQ, dK, dV: one fused kernel per axis
+        for work in (fwd, bwd):
             assert work.exp / useful_pairs(p) <= 2.0 and work.reuse <= 6.0
 
 
@@ -192,10 +195,10 @@ def test_autotuned_column_passes_restore_what_they_update_in_place():
     makes it the partial, dQ / dK / dV which always hold theirs), so every benchmark run must
     restore them."""
     assert set(grid_fwd.grid_fwd_cols_tuned.restore_value) == {"Out", "Lse", "Aff", "Arg"}
-    assert grid_bwd.grid_bwd_dq_cols_tuned.restore_value == ["DQ"]
-    assert set(grid_bwd.grid_bwd_dkdv_cols_tuned.restore_value) == {"DK", "DV"}
-    # the row passes only write: nothing to restore
-    for tuned in (grid_fwd.grid_fwd_rows_tuned, grid_bwd.grid_bwd_dq_rows_tuned, grid_bwd.grid_bwd_dkdv_rows_tuned):
+    assert set(grid_bwd.grid_bwd_cols_tuned.restore_value) == {"DQ", "DK", "DV"}
+    # the row passes only write (the backward's row pass reads back only what it stored itself
+    # in the same run): nothing to restore
+    for tuned in (grid_fwd.grid_fwd_rows_tuned, grid_bwd.grid_bwd_rows_tuned):
         assert not tuned.restore_value
     # the forward's partial is the output itself in float32 (the in-place case), a scaled
     # float16 scratch for bfloat16 (int8 exponents per 16 queries of a row), float32 for float16
@@ -208,8 +211,7 @@ def test_autotuned_column_passes_restore_what_they_update_in_place():
     assert part.dtype == torch.float16 and exps.dtype == torch.int8 and exps.shape == (2, 3, 3)
     assert grid_fwd._partial(out.half(), p)[0].dtype == torch.float32
     # the backward's partial gradients are the gradients themselves, in every dtype: no scratch
-    for kernel in (grid_bwd.grid_bwd_dq_rows, grid_bwd.grid_bwd_dq_cols, grid_bwd.grid_bwd_dkdv_rows,
-                   grid_bwd.grid_bwd_dkdv_cols):
+    for kernel in (grid_bwd.grid_bwd_rows, grid_bwd.grid_bwd_cols):
         assert not [name for name in kernel.arg_names if name.startswith("Part")], kernel.fn.__name__
 
 
@@ -240,3 +242,18 @@ def test_half_precision_partial_is_exact_in_range_and_modelled(dtype):
     counted = count_forward(q, k, v, pattern, lab, O, True, config=grid_fwd.CONFIGS[0])
     modelled = grid_fwd.work_forward(p, grid_fwd.CONFIGS[0], 2, True, dtype == torch.float16)
     assert counted == modelled
+
+
+def test_fused_backward_takes_one_configuration():
+    """dQ, dK and dV come from one kernel per axis: config_dq and config_dkdv both configure
+    it, so two different ones are refused (naming both), the same one twice is taken."""
+    q, k, v, lab = _inputs(1, 1, 1, 1, 1, 2, 3, 8)
+    pattern = Pattern.grid()
+    out, _, lse, _ = _forward(q, k, v, pattern, None, True, None)
+    first, other = grid_bwd.CONFIGS[0], grid_bwd.CONFIGS[1]
+    with pytest.raises(ValueError, match="config_dq and config_dkdv"):
+        attention_backward(out, q, k, v, out, lse, pattern, 1.0, config_dq=first, config_dkdv=other)
+    with capture_grids(launch=False) as seen:
+        attention_backward(out, q, k, v, out, lse, pattern, 1.0, config_dq=first, config_dkdv=first)
+    # one program per row (T * H) and per column of a query frame (T_q * W)
+    assert seen == [("grid_bwd_rows", (2,)), ("grid_bwd_cols", (3,))]

@@ -1,4 +1,4 @@
-"""Grid attention backward: the forward's two passes, for queries and for keys.
+"""Grid attention backward: one fused pass per axis computes dQ, dK and dV.
 
 The keys of ``p = (t, y, x)`` are its row ``(t, y, *)``, its column ``(t, *, x)`` and its
 time line ``(*, y, x)``, ``p`` counted once (in the row). The pattern is symmetric (``q`` is
@@ -6,37 +6,40 @@ in the grid of ``p`` iff ``p`` is in that of ``q``) except for ``causal``, which
 the time line (query frame ``>=`` key frame), and for ``T_q < T``: only the last ``T_q``
 frames hold queries.
 
-As in the forward (:mod:`.grid_fwd`), each axis is one dense problem per tile on tensor
-cores, and the time line (``T`` cells, fewer than ``tl.dot``'s 16) is one vector product
-per query and key:
+Along one axis the pattern is dense within a line, and symmetric: a program that owns whole
+lines of one (batch, key/value head) owns every query and every key of them on that axis,
+so one pass computes all three gradients from one recomputed ``P`` per (key block, query
+block) pair (:func:`_line_block`, tensor cores), with no atomics:
 
-- ``grid_bwd_dq_rows``: ``BLOCK_M`` queries of one row against their row keys (``tl.dot``)
-  and time keys; writes the partial ``dQ`` into ``DQ`` itself, in its dtype.
-- ``grid_bwd_dq_cols``: ``BLOCK_M`` queries of one column against their column keys,
-  plus the partial; writes ``DQ``.
-- ``grid_bwd_dkdv_rows``: ``BLOCK_N`` keys of one row, for each query head of their
-  key/value head's group (summed in the program: deterministic, no atomics), against the
-  queries of their row (if the frame holds queries) and of their time lines (query frames
-  only; later ones only when causal); writes partial ``dK`` and ``dV`` into ``DK``, ``DV``.
-- ``grid_bwd_dkdv_cols``: ``BLOCK_N`` keys of one column against the queries of the
-  column, plus the partials; writes ``DK`` and ``DV``.
+- ``grid_bwd_rows`` (:func:`grid_bwd_axis`, ``AXIS = 0``): one row ``(t, y, *)``, every
+  key frame ``t``. For each block of ``BLOCK_N`` row keys (``dK``, ``dV`` in registers,
+  summed over the ``GROUP`` query heads of the key/value head), each block of ``BLOCK_M``
+  row queries (query frames only) adds its ``dQ`` share to ``DQ`` by read-modify-write
+  (the first key block also adds the queries' time keys); then the keys' time-line queries
+  (query frames only; later ones only when causal). The time line (``T`` cells, fewer than
+  ``tl.dot``'s 16) is one vector product per query and key, as in the forward.
+- ``grid_bwd_cols`` (``AXIS = 1``): one column ``(t, *, x)`` of a query frame, each cell's
+  own pair masked (it is in the row), added onto the row pass's ``dQ``, ``dK``, ``dV``.
 
-Grids fold everything on axis 0: ``cdiv(W, BLOCK) * T_Q * H * B * N`` (dQ rows),
-``cdiv(H, BLOCK) * T_Q * W * B * N`` (dQ columns), ``cdiv(W, BLOCK) * T * H * B * N_kv`` and
-``cdiv(H, BLOCK) * T * W * B * N_kv`` (dK/dV).
+Each pass reads q, dO, k, v, Lse, Delta (and Arg, G) once per line (once per key block of
+it: ``BLOCK_N = 128`` holds a row of the SST shape), where the separate dQ and dK/dV
+kernels of each axis read them twice: about 17 tensor passes of HBM traffic instead of 23.
 
-Partials: a row pass writes its partial gradient into the gradient itself, in its dtype
-(no scratch), and the column pass reads it back and writes the sum at the same cells in the
-same program (so in place is safe). A 16-bit gradient's partial is rounded to nearest once
-(unit roundoff ``u``: ``2**-11`` fp16, ``2**-8`` bf16): the error added is at most
-``u * |partial|``, the size of the final rounding's own, so a gradient stays within about
-two roundings of its dtype (float32 / float64 gradients: no extra rounding). The partial
-traffic is halved against a float32 scratch (the column pass reads 2 bytes per element).
+Grids fold everything on axis 0: ``T * H * B * N_kv`` (rows), ``T_Q * W * B * N_kv``
+(columns): one program per line.
 
-Work at T, H, W = 4, 24, 40, D = 32, 3 objects, first configurations (:func:`work_backward`,
-equal to the instrumented interpreter's counts): E = 1.57 softmax elements per useful pair
-for dQ and for dK/dV, L = 2.38 and 2.29 (the one-pass design with per-query column and time
-vectors: E = 2.23, L = 14.9-15.3).
+Partials: the row pass writes its gradients into the gradients themselves, in their dtype
+(no scratch), and the column pass reads them back and writes the sums at the same cells in
+the same program (so in place is safe); within a pass, ``dQ`` of a line longer than
+``BLOCK_N`` is stored once per key block and read back by the next (the program's own
+cells: deterministic). A 16-bit gradient's partial is rounded to nearest at each store
+(unit roundoff ``u``: ``2**-11`` fp16, ``2**-8`` bf16): each adds at most ``u * |partial|``,
+so a gradient stays within a few roundings of its dtype (float32 / float64: no extra rounding).
+
+Work at T, H, W = 4, 24, 40, D = 32, 3 objects, the first configuration (:func:`work_backward`,
+equal to the instrumented interpreter's counts): E = 1.63 softmax elements per useful pair,
+L = 3.01 for the whole backward (separate dQ and dK/dV passes: E = 1.57 each, so 3.14 in
+all; the one-pass design with per-query column and time vectors: E = 2.23 each).
 """
 from __future__ import annotations
 
@@ -48,9 +51,8 @@ import triton.language as tl
 from ._common import cast
 from .common_bwd import (
     aot_spec,
-    dkdv_block,
     dkdv_pairs,
-    dq_block,
+    dot,
     dq_pairs,
     load_cells,
     object_grad,
@@ -61,26 +63,27 @@ from .grid_fwd import configs_at, head_dim_pruner
 from .launch import Problem, cdiv, check_grid, run
 from .work import Work
 
-# The first configuration is the interpreter's (16-wide tiles: the least padding at the
-# SST shapes, see :func:`work_backward`); the others are for the GPU (64 rows on the tile's
-# own side where Hopper's wgmma applies). ``*_BY_HEAD_DIM``: those that compile spill-free
-# on sm_80 and sm_90a (``python -m sst_triton.aot --check``) per padded head dim. The dK/dV
-# row pass is the heaviest kernel (key, value, dK, dV rows of the tile live across the
-# query-row blocks and the time-line vectors): at d = 128 only 16-key tiles with 8 warps fit.
-CONFIGS_DQ = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+# The first configuration is the interpreter's (16-wide blocks: the least padding at the
+# issue-11 shape T, H, W = 4, 24, 40, see :func:`work_backward`); the others are for the GPU:
+# BLOCK_N = 128 keeps a whole row of up to 128 cells (W = 107 at the SST shape) in one key
+# block, so each query's dQ is stored once per pass and its q, dO are read once (the SST
+# shape's best estimate in perf/work_model.py). A program holds its key block's k, v, dK, dV
+# across the group's query blocks and the time lines, so wide head dims need small key blocks
+# on many warps; one pipelining stage where two spill. ``CONFIGS_BY_HEAD_DIM``: those that
+# compile spill-free on sm_80 and sm_90a (``python -m sst_triton.aot --check``) per padded head
+# dim: at 64 the 128-key blocks spill, at 128 only 16 x 16 blocks on 4 warps fit.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
 ]
-CONFIGS_DQ_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 1, 2), 128: (0, 3)}
-CONFIGS_DKDV = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-]
-CONFIGS_DKDV_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 2), 128: (3,)}
+CONFIGS_BY_HEAD_DIM = {32: (0, 1, 2, 3, 4, 5), 64: (0, 2, 4, 5), 128: (3,)}
+# one fused kernel computes dQ, dK and dV: the dQ and dK/dV lists of the other patterns are
+# this one list (a forced config_dq / config_dkdv configures the fused kernel)
+CONFIGS_DQ = CONFIGS_DKDV = CONFIGS
 TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUSAL"]
 
 
@@ -88,7 +91,8 @@ TUNE_KEY = ["B", "N", "GROUP", "T_Q", "T", "H", "W", "BLOCK_D", "NUM_OBJ", "CAUS
 def _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx, y, t0, t1, H, W, D,
              sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale,
              NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Time keys ``(tt, y, qx)``, ``tt`` in ``[t0, t1)``, of a row of queries into ``dq``."""
+    """Time keys ``(tt, y, qx)``, ``tt`` in ``[t0, t1)``, of a line of queries into ``dq``
+    (``y`` or ``qx`` the ``[BLOCK_M]`` positions along the line, the other one fixed)."""
     for tt in range(t0, t1):
         k = load_cells(k_base, tt, y, qx, sk_t, sk_h, sk_w, sk_d, m_valid, D, BLOCK_D)
         v = load_cells(v_base, tt, y, qx, sv_t, sv_h, sv_w, sv_d, m_valid, D, BLOCK_D)
@@ -101,131 +105,6 @@ def _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx
 
 
 @triton.jit
-def grid_bwd_dq_rows(
-    Q, K, V, DO, Lse, Delta, Arg, G, DQ,
-    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
-    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
-    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
-    sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    B, N, GROUP, T_Q, T, H, W, D,
-    scale,
-    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Row and time keys of ``BLOCK_M`` queries of one row into DQ ``(B*N, S_q, D)``
-    (partial ``dQ``, DQ's dtype, rounded to nearest). Q, DO ``(B, N, T_Q, H, W, D)``, K, V
-    ``(B, N // GROUP, T, H, W, D)``, any strides; Lse, Delta ``(B*N, S_q)``; Arg, G
-    ``(B*N, O, S_q)`` (Arg: absolute key indices)."""
-    blocks = tl.cdiv(W, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_x = pid % blocks
-    row = (pid // blocks) % (T_Q * H)
-    pid_bn = pid // (blocks * T_Q * H)
-    tq = row // H
-    y = row % H
-    t = tq + (T - T_Q)
-    b = (pid_bn // N).to(tl.int64)
-    n = (pid_bn % N).to(tl.int64)
-    kv = n // GROUP
-    bn = pid_bn.to(tl.int64)
-    S_q = T_Q * H * W
-
-    qx = pid_x * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = qx < W
-    q_index = row * W + qx
-    q = load_cells(Q + b * sq_b + n * sq_n, tq, y, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-    do = load_cells(DO + b * sdo_b + n * sdo_n, tq, y, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-    lse = tl.load(Lse + bn * S_q + q_index, mask=m_valid, other=0.0)
-    delta = tl.load(Delta + bn * S_q + q_index, mask=m_valid, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], Lse.dtype.element_ty)
-    k_base = K + b * sk_b + kv * sk_n
-    v_base = V + b * sv_b + kv * sv_n
-
-    # the row, the query itself included: dense
-    for x0 in range(0, W, BLOCK_N):
-        kx = x0 + tl.arange(0, BLOCK_N)
-        n_valid = kx < W
-        k = load_cells(k_base, t, y, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
-        v = load_cells(v_base, t, y, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
-        in_pattern = m_valid[:, None] & n_valid[None, :]
-        if NUM_OBJ > 0:
-            obj = object_grad(Arg, G, bn, S_q, q_index, m_valid, (t * H + y) * W + kx, NUM_OBJ, False)
-        else:
-            obj = 0.0
-        dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
-
-    # the time line: earlier frames, then (not causal) later ones
-    dq = _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx, y, 0, t, H, W, D,
-                  sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale, NUM_OBJ, BLOCK_D)
-    if not CAUSAL:
-        dq = _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bn, S_q, q_index, qx, y, t + 1, T, H, W, D,
-                      sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale, NUM_OBJ, BLOCK_D)
-
-    store_cells(DQ + bn * S_q * D, cast(dq * scale, DQ.dtype.element_ty, True), q_index, m_valid, D, BLOCK_D)
-
-
-@triton.jit
-def grid_bwd_dq_cols(
-    Q, K, V, DO, Lse, Delta, Arg, G, DQ,
-    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
-    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
-    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
-    sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    B, N, GROUP, T_Q, T, H, W, D,
-    scale,
-    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Column keys of ``BLOCK_M`` queries of one column, plus the row pass's partial in DQ; writes
-    DQ contiguous ``(B*N, S_q, D)`` (arguments as in :func:`grid_bwd_dq_rows`)."""
-    blocks = tl.cdiv(H, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_y = pid % blocks
-    line = (pid // blocks) % (T_Q * W)
-    pid_bn = pid // (blocks * T_Q * W)
-    tq = line // W
-    x = line % W
-    t = tq + (T - T_Q)
-    b = (pid_bn // N).to(tl.int64)
-    n = (pid_bn % N).to(tl.int64)
-    kv = n // GROUP
-    bn = pid_bn.to(tl.int64)
-    S_q = T_Q * H * W
-
-    qy = pid_y * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = qy < H
-    q_index = (tq * H + qy) * W + x
-    q = load_cells(Q + b * sq_b + n * sq_n, tq, qy, x, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-    do = load_cells(DO + b * sdo_b + n * sdo_n, tq, qy, x, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-    lse = tl.load(Lse + bn * S_q + q_index, mask=m_valid, other=0.0)
-    delta = tl.load(Delta + bn * S_q + q_index, mask=m_valid, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], Lse.dtype.element_ty)
-    k_base = K + b * sk_b + kv * sk_n
-    v_base = V + b * sv_b + kv * sv_n
-
-    # the column, the query itself excluded (it is in the row): dense
-    for y0 in range(0, H, BLOCK_N):
-        ky = y0 + tl.arange(0, BLOCK_N)
-        n_valid = ky < H
-        k = load_cells(k_base, t, ky, x, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
-        v = load_cells(v_base, t, ky, x, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
-        in_pattern = m_valid[:, None] & n_valid[None, :] & (qy[:, None] != ky[None, :])
-        if NUM_OBJ > 0:
-            obj = object_grad(Arg, G, bn, S_q, q_index, m_valid, (t * H + ky) * W + x, NUM_OBJ, False)
-        else:
-            obj = 0.0
-        dq = dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION, DOT_FP32)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    cells = bn * S_q + q_index.to(tl.int64)
-    part = tl.load(DQ + cells[:, None] * D + offs_d[None, :], mask=m_valid[:, None] & (offs_d[None, :] < D),
-                   other=0.0)
-    store_cells(DQ + bn * S_q * D, dq * scale + part.to(dq.dtype), q_index, m_valid, D, BLOCK_D)
-
-
-@triton.jit
 def _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx, y, t0, t1, T_Q, T, H, W, D,
                sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale,
                NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -234,10 +113,8 @@ def _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_ind
     t_off = T - T_Q
     for tt in range(t0, t1):
         q_index = ((tt - t_off) * H + y) * W + kx
-        q = load_cells(q_base, tt - t_off, y, kx, sq_t, sq_h, sq_w, sq_d, n_valid, D, BLOCK_D)
-        do = load_cells(do_base, tt - t_off, y, kx, sdo_t, sdo_h, sdo_w, sdo_d, n_valid, D, BLOCK_D)
-        lse = tl.load(Lse + bq * S_q + q_index, mask=n_valid, other=0.0)
-        delta = tl.load(Delta + bq * S_q + q_index, mask=n_valid, other=0.0)
+        q, do, lse, delta = _load_queries(q_base, do_base, Lse, Delta, bq * S_q, tt - t_off, y, kx, q_index, n_valid,
+                                          sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d, D, BLOCK_D)
         if NUM_OBJ > 0:
             obj = object_grad_pairs(Arg, G, bq, S_q, q_index, n_valid, k_index, NUM_OBJ)
         else:
@@ -247,162 +124,221 @@ def _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_ind
 
 
 @triton.jit
-def grid_bwd_dkdv_rows(
-    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV,
-    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
-    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
-    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
-    sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
-    B, N, GROUP, T_Q, T, H, W, D,
-    scale,
-    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Row and time queries of ``BLOCK_N`` keys of one row, summed over the ``GROUP`` query
-    heads of their key/value head, into DK, DV ``(B*N_kv, S, D)`` (partial ``dK`` and ``dV``,
-    their dtype, rounded to nearest); arguments as in :func:`grid_bwd_dq_rows`."""
-    N_KV = N // GROUP
-    blocks = tl.cdiv(W, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_x = pid % blocks
-    row = (pid // blocks) % (T * H)
-    pid_bk = pid // (blocks * T * H)
-    t = row // H
-    y = row % H
-    t_off = T - T_Q
-    b = (pid_bk // N_KV).to(tl.int64)
-    kv = (pid_bk % N_KV).to(tl.int64)
-    S = T * H * W
-    S_q = T_Q * H * W
-
-    kx = pid_x * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = kx < W
-    k_index = row * W + kx
-    k = load_cells(K + b * sk_b + kv * sk_n, t, y, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
-    v = load_cells(V + b * sv_b + kv * sv_n, t, y, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
-    # the row's queries exist only in a query frame
-    row_end = W * (t >= t_off).to(tl.int32)
-    tq = t - t_off
-    for g in range(0, GROUP):
-        n = kv * GROUP + g
-        bq = b * N + n
-        q_base = Q + b * sq_b + n * sq_n
-        do_base = DO + b * sdo_b + n * sdo_n
-
-        # queries of the row: dense
-        for x0 in range(0, row_end, BLOCK_M):
-            qx = x0 + tl.arange(0, BLOCK_M)
-            m_valid = qx < W
-            q_index = (tq * H + y) * W + qx
-            q = load_cells(q_base, tq, y, qx, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-            do = load_cells(do_base, tq, y, qx, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-            lse = tl.load(Lse + bq * S_q + q_index, mask=m_valid, other=0.0)
-            delta = tl.load(Delta + bq * S_q + q_index, mask=m_valid, other=0.0)
-            in_pattern = n_valid[:, None] & m_valid[None, :]
-            if NUM_OBJ > 0:
-                obj = object_grad(Arg, G, bq, S_q, q_index, m_valid, k_index, NUM_OBJ, True)
-            else:
-                obj = 0.0
-            dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
-
-        # queries of the time lines: later query frames, then (not causal) earlier ones
-        dk, dv = _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx, y,
-                            tl.maximum(t + 1, t_off), T, T_Q, T, H, W, D, sq_t, sq_h, sq_w, sq_d,
-                            sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale, NUM_OBJ, BLOCK_D)
-        if not CAUSAL:
-            dk, dv = _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx, y,
-                                t_off, t, T_Q, T, H, W, D, sq_t, sq_h, sq_w, sq_d,
-                                sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale, NUM_OBJ, BLOCK_D)
-
-    bk = pid_bk.to(tl.int64)
-    store_cells(DK + bk * S * D, cast(dk * scale, DK.dtype.element_ty, True), k_index, n_valid, D, BLOCK_D)
-    store_cells(DV + bk * S * D, cast(dv, DV.dtype.element_ty, True), k_index, n_valid, D, BLOCK_D)
+def load_rows(base, index, valid, D, BLOCK_D: tl.constexpr):
+    """``[BLOCK, BLOCK_D]`` rows at flat ``index`` of a contiguous ``(S, D)`` slice (what
+    :func:`store_cells` wrote); 0 where not ``valid`` or past ``D``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + index.to(tl.int64)[:, None] * D + offs_d[None, :]
+    return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
-def grid_bwd_dkdv_cols(
-    Q, K, V, DO, Lse, Delta, Arg, G, DK, DV,
+def _line_cells(c, fixed, AXIS: tl.constexpr):
+    """``(y, x)`` of positions ``c`` along a line of one frame: a row ``(y = fixed, x = c)``
+    when ``AXIS = 0``, a column ``(y = c, x = fixed)`` when ``AXIS = 1``."""
+    if AXIS == 0:
+        y = fixed
+        x = c
+    else:
+        y = c
+        x = fixed
+    return y, x
+
+
+@triton.jit
+def _load_queries(q_base, do_base, Lse, Delta, row0, tq, y, x, q_index, valid, sq_t, sq_h, sq_w, sq_d,
+                  sdo_t, sdo_h, sdo_w, sdo_d, D, BLOCK_D: tl.constexpr):
+    """q, dO ``[BLOCK_M, BLOCK_D]`` and lse, Delta ``[BLOCK_M]`` of query cells ``(tq, y, x)``
+    (query frame ``tq``) of one head: q, dO from their bases, Lse, Delta at ``row0 + q_index``."""
+    q = load_cells(q_base, tq, y, x, sq_t, sq_h, sq_w, sq_d, valid, D, BLOCK_D)
+    do = load_cells(do_base, tq, y, x, sdo_t, sdo_h, sdo_w, sdo_d, valid, D, BLOCK_D)
+    lse = tl.load(Lse + row0 + q_index, mask=valid, other=0.0)
+    delta = tl.load(Delta + row0 + q_index, mask=valid, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _line_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv,
+                DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One block of keys against one block of queries of the same line: all three gradients
+    from one recomputed ``P`` (keys first).
+
+    Args:
+        k, v, dk, dv: ``[BLOCK_N, BLOCK_D]``; q, do: ``[BLOCK_M, BLOCK_D]``; lse, delta: ``[BLOCK_M]``.
+        in_pattern, obj: ``[BLOCK_N, BLOCK_M]`` (:func:`object_grad` with ``KEYS_FIRST``).
+
+    Returns:
+        ``dk / scale``, ``dv`` updated, and the block's ``dq / scale`` ``[BLOCK_M, BLOCK_D]``.
+    """
+    st = dot(k, tl.trans(q), None, DOT_PRECISION, DOT_FP32) * scale
+    pt = tl.where(in_pattern, tl.exp(st.to(lse.dtype) - lse[None, :]), 0.0)
+    dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, DOT_FP32)
+    dpt = dot(v, tl.trans(do), None, DOT_PRECISION, DOT_FP32).to(lse.dtype) + obj
+    dst = pt * (dpt - delta[None, :])
+    dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, DOT_FP32)
+    dq = dot(tl.trans(dst.to(k.dtype)), k, None, DOT_PRECISION, DOT_FP32).to(lse.dtype)
+    return dk, dv, dq
+
+
+@triton.jit
+def grid_bwd_axis(
+    Q, K, V, DO, Lse, Delta, Arg, G, DQ, DK, DV,
     sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
     sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
     sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
     sdo_b, sdo_n, sdo_t, sdo_h, sdo_w, sdo_d,
     B, N, GROUP, T_Q, T, H, W, D,
     scale,
-    CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    AXIS: tl.constexpr, CAUSAL: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Column queries of ``BLOCK_N`` keys of one column (group heads summed), plus the row
-    pass's partials; writes DK, DV contiguous ``(B*N_kv, S, D)``."""
+    """dQ, dK and dV of one line of one key/value head along one axis: ``AXIS = 0`` a row
+    ``(t, y, *)`` of ``W`` cells, every key frame ``t`` (with the time lines); ``AXIS = 1``
+    a column ``(t, *, x)`` of ``H`` cells, query frames only, each cell's own pair excluded
+    (it is in the row), added to the row pass's partials.
+
+    The program owns every query and every key of its line on this axis, for all ``GROUP``
+    query heads of its key/value head: for each block of ``BLOCK_N`` keys (their ``dK``,
+    ``dV`` in registers, summed over the group), each block of ``BLOCK_M`` queries of each
+    head gives its ``dQ`` share, added to ``DQ`` by read-modify-write (the cells are the
+    program's alone: deterministic, no atomics).
+
+    Q, DO ``(B, N, T_Q, H, W, D)``, K, V ``(B, N // GROUP, T, H, W, D)``, any strides; Lse,
+    Delta ``(B*N, S_q)``; Arg, G ``(B*N, O, S_q)`` (Arg: absolute key indices); DQ
+    ``(B*N, S_q, D)``, DK, DV ``(B*N_kv, S, D)`` contiguous, their dtype (the row pass's
+    partials rounded to nearest).
+    """
     N_KV = N // GROUP
-    blocks = tl.cdiv(H, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_y = pid % blocks
-    line = (pid // blocks) % (T * W)
-    pid_bk = pid // (blocks * T * W)
-    t = line // W
-    x = line % W
     t_off = T - T_Q
+    pid = tl.program_id(0)
+    if AXIS == 0:
+        LINES = T * H
+        L = W
+    else:
+        LINES = T_Q * W
+        L = H
+    line = pid % LINES
+    pid_bk = pid // LINES
+    if AXIS == 0:
+        t = line // H
+        fixed = line % H
+    else:
+        t = line // W + t_off
+        fixed = line % W
+    tq = t - t_off
     b = (pid_bk // N_KV).to(tl.int64)
     kv = (pid_bk % N_KV).to(tl.int64)
+    bk = pid_bk.to(tl.int64)
     S = T * H * W
     S_q = T_Q * H * W
+    k_base = K + b * sk_b + kv * sk_n
+    v_base = V + b * sv_b + kv * sv_n
+    # a row of a frame without queries only has the queries of its time lines
+    q_end = L * (t >= t_off).to(tl.int32)
 
-    ky = pid_y * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = ky < H
-    k_index = (t * H + ky) * W + x
-    k = load_cells(K + b * sk_b + kv * sk_n, t, ky, x, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
-    v = load_cells(V + b * sv_b + kv * sv_n, t, ky, x, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
-    col_end = H * (t >= t_off).to(tl.int32)
-    tq = t - t_off
-    for g in range(0, GROUP):
-        n = kv * GROUP + g
-        bq = b * N + n
-        q_base = Q + b * sq_b + n * sq_n
-        do_base = DO + b * sdo_b + n * sdo_n
-        # queries of the column, the key's own cell excluded (it is in the row): dense
-        for y0 in range(0, col_end, BLOCK_M):
-            qy = y0 + tl.arange(0, BLOCK_M)
-            m_valid = qy < H
-            q_index = (tq * H + qy) * W + x
-            q = load_cells(q_base, tq, qy, x, sq_t, sq_h, sq_w, sq_d, m_valid, D, BLOCK_D)
-            do = load_cells(do_base, tq, qy, x, sdo_t, sdo_h, sdo_w, sdo_d, m_valid, D, BLOCK_D)
-            lse = tl.load(Lse + bq * S_q + q_index, mask=m_valid, other=0.0)
-            delta = tl.load(Delta + bq * S_q + q_index, mask=m_valid, other=0.0)
-            in_pattern = n_valid[:, None] & m_valid[None, :] & (ky[:, None] != qy[None, :])
-            if NUM_OBJ > 0:
-                obj = object_grad(Arg, G, bq, S_q, q_index, m_valid, k_index, NUM_OBJ, True)
-            else:
-                obj = 0.0
-            dk, dv = dkdv_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
+    if AXIS == 1:
+        # the time keys (tt, y, x), tt != t, of the column's queries: earlier frames, then (not
+        # causal) later ones, vector products added to the row pass's dQ before the key blocks
+        # (inside them they would hold registers beside the blocks' keys and gradients)
+        for g in range(0, GROUP):
+            n = kv * GROUP + g
+            bq = b * N + n
+            for i0 in range(0, L, BLOCK_M):
+                qc = i0 + tl.arange(0, BLOCK_M)
+                m_valid = qc < L
+                qy, qx = _line_cells(qc, fixed, AXIS)
+                q_index = (tq * H + qy) * W + qx
+                q, do, lse, delta = _load_queries(Q + b * sq_b + n * sq_n, DO + b * sdo_b + n * sdo_n, Lse, Delta,
+                                                  bq * S_q, tq, qy, qx, q_index, m_valid, sq_t, sq_h, sq_w, sq_d,
+                                                  sdo_t, sdo_h, sdo_w, sdo_d, D, BLOCK_D)
+                dq = tl.zeros([BLOCK_M, BLOCK_D], Lse.dtype.element_ty)
+                dq = _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bq, S_q, q_index, qx, qy, 0, t,
+                              H, W, D, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale, NUM_OBJ,
+                              BLOCK_D)
+                if not CAUSAL:
+                    dq = _dq_time(q, do, lse, delta, dq, k_base, v_base, Arg, G, bq, S_q, q_index, qx, qy, t + 1,
+                                  T, H, W, D, sk_t, sk_h, sk_w, sk_d, sv_t, sv_h, sv_w, sv_d, m_valid, scale,
+                                  NUM_OBJ, BLOCK_D)
+                dq_cells = DQ + bq * S_q * D
+                dq = dq * scale + load_rows(dq_cells, q_index, m_valid, D, BLOCK_D).to(dq.dtype)
+                store_cells(dq_cells, cast(dq, DQ.dtype.element_ty, True), q_index, m_valid, D, BLOCK_D)
+        # the key blocks read back what other threads of the program stored
+        tl.debug_barrier()
 
-    bk = pid_bk.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    cells = bk * S + k_index.to(tl.int64)
-    tile_mask = n_valid[:, None] & (offs_d[None, :] < D)
-    part_k = tl.load(DK + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
-    part_v = tl.load(DV + cells[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0)
-    store_cells(DK + bk * S * D, dk * scale + part_k.to(dk.dtype), k_index, n_valid, D, BLOCK_D)
-    store_cells(DV + bk * S * D, dv + part_v.to(dv.dtype), k_index, n_valid, D, BLOCK_D)
+    for j0 in range(0, L, BLOCK_N):
+        kc = j0 + tl.arange(0, BLOCK_N)
+        n_valid = kc < L
+        ky, kx = _line_cells(kc, fixed, AXIS)
+        k_index = (t * H + ky) * W + kx
+        k = load_cells(k_base, t, ky, kx, sk_t, sk_h, sk_w, sk_d, n_valid, D, BLOCK_D)
+        v = load_cells(v_base, t, ky, kx, sv_t, sv_h, sv_w, sv_d, n_valid, D, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], Lse.dtype.element_ty)
+        for g in range(0, GROUP):
+            n = kv * GROUP + g
+            bq = b * N + n
+            q_base = Q + b * sq_b + n * sq_n
+            do_base = DO + b * sdo_b + n * sdo_n
+            for i0 in range(0, q_end, BLOCK_M):
+                qc = i0 + tl.arange(0, BLOCK_M)
+                m_valid = qc < L
+                qy, qx = _line_cells(qc, fixed, AXIS)
+                q_index = (tq * H + qy) * W + qx
+                q, do, lse, delta = _load_queries(q_base, do_base, Lse, Delta, bq * S_q, tq, qy, qx, q_index, m_valid,
+                                                  sq_t, sq_h, sq_w, sq_d, sdo_t, sdo_h, sdo_w, sdo_d, D, BLOCK_D)
+                in_pattern = n_valid[:, None] & m_valid[None, :]
+                if AXIS == 1:
+                    in_pattern = in_pattern & (kc[:, None] != qc[None, :])
+                if NUM_OBJ > 0:
+                    obj = object_grad(Arg, G, bq, S_q, q_index, m_valid, k_index, NUM_OBJ, True)
+                else:
+                    obj = 0.0
+                dk, dv, dq = _line_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv,
+                                         DOT_PRECISION, DOT_FP32)
+                dq_cells = DQ + bq * S_q * D
+                dq = dq * scale
+                # what earlier key blocks (and, for columns, the row pass and the time keys) left in DQ
+                if AXIS == 0:
+                    if j0 > 0:
+                        dq += load_rows(dq_cells, q_index, m_valid, D, BLOCK_D).to(dq.dtype)
+                else:
+                    dq += load_rows(dq_cells, q_index, m_valid, D, BLOCK_D).to(dq.dtype)
+                store_cells(dq_cells, cast(dq, DQ.dtype.element_ty, True), q_index, m_valid, D, BLOCK_D)
+
+            if AXIS == 0:
+                # the queries of the keys' time lines: later query frames, then (not causal) earlier ones
+                dk, dv = _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx, ky,
+                                    tl.maximum(t + 1, t_off), T, T_Q, T, H, W, D, sq_t, sq_h, sq_w, sq_d,
+                                    sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale, NUM_OBJ, BLOCK_D)
+                if not CAUSAL:
+                    dk, dv = _dkdv_time(k, v, dk, dv, q_base, do_base, Lse, Delta, Arg, G, bq, S_q, k_index, kx,
+                                        ky, t_off, t, T_Q, T, H, W, D, sq_t, sq_h, sq_w, sq_d,
+                                        sdo_t, sdo_h, sdo_w, sdo_d, n_valid, scale, NUM_OBJ, BLOCK_D)
+
+        dk = dk * scale
+        k_cells = DK + bk * S * D
+        v_cells = DV + bk * S * D
+        if AXIS == 1:
+            dk += load_rows(k_cells, k_index, n_valid, D, BLOCK_D).to(dk.dtype)
+            dv += load_rows(v_cells, k_index, n_valid, D, BLOCK_D).to(dv.dtype)
+        store_cells(k_cells, cast(dk, DK.dtype.element_ty, True), k_index, n_valid, D, BLOCK_D)
+        store_cells(v_cells, cast(dv, DV.dtype.element_ty, True), k_index, n_valid, D, BLOCK_D)
+        # the next key block reads back the dQ this one stored, from other threads of the program
+        tl.debug_barrier()
 
 
-_prune_dq = {"early_config_prune": head_dim_pruner(CONFIGS_DQ_BY_HEAD_DIM)}
-_prune_dkdv = {"early_config_prune": head_dim_pruner(CONFIGS_DKDV_BY_HEAD_DIM)}
-grid_bwd_dq_rows_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq)(grid_bwd_dq_rows)
-# a column pass adds to the row pass's partial, which lies in the output itself: each benchmark run of the autotuner must start from the partial
-grid_bwd_dq_cols_tuned = triton.autotune(CONFIGS_DQ, key=TUNE_KEY, prune_configs_by=_prune_dq,
-                                         restore_value=["DQ"])(grid_bwd_dq_cols)
-grid_bwd_dkdv_rows_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv)(grid_bwd_dkdv_rows)
-grid_bwd_dkdv_cols_tuned = triton.autotune(CONFIGS_DKDV, key=TUNE_KEY, prune_configs_by=_prune_dkdv,
-                                           restore_value=["DK", "DV"])(grid_bwd_dkdv_cols)
-# each pass pair shares one configuration list and pruner: the representatives of dQ and dK/dV
-grid_bwd_dq_tuned = grid_bwd_dq_rows_tuned
-grid_bwd_dkdv_tuned = grid_bwd_dkdv_rows_tuned
+_prune = {"early_config_prune": head_dim_pruner(CONFIGS_BY_HEAD_DIM)}
+# one kernel, two launches: the row pass (AXIS=0) and the column pass (AXIS=1), tuned apart
+grid_bwd_rows = grid_bwd_cols = grid_bwd_axis
+grid_bwd_rows_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_bwd_axis)
+# the column pass adds to the row pass's partials, which lie in the gradients themselves: each
+# benchmark run of the autotuner must start from them (the row pass only writes: nothing to restore)
+grid_bwd_cols_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune,
+                                      restore_value=["DQ", "DK", "DV"])(grid_bwd_axis)
+# perf/work_model.py finds the per-head-dim pruner of dQ and dK/dV through these names: one
+# fused kernel computes both
+grid_bwd_dq_tuned = grid_bwd_dkdv_tuned = grid_bwd_rows_tuned
 
 
 def _aot_specs():
@@ -413,15 +349,10 @@ def _aot_specs():
         example = example_scalars(D=d)
         example.update({f"sdo_{axis}": example[f"sq_{axis}"] for axis in ("b", "n", "t", "h", "w", "d")})
         note = f"bf16, contiguous (1, 8, 4, 32, 32, {d}), GQA group 2, causal, 3 objects"
-        fixed = dict(CAUSAL=True, NUM_OBJ=3, BLOCK_D=d, DOT_PRECISION="ieee", DOT_FP32=False)
-        for name, kernel, outputs, configs, by_dim in (
-            ("dq_rows", grid_bwd_dq_rows, ("DQ",), CONFIGS_DQ, CONFIGS_DQ_BY_HEAD_DIM),
-            ("dq_cols", grid_bwd_dq_cols, ("DQ",), CONFIGS_DQ, CONFIGS_DQ_BY_HEAD_DIM),
-            ("dkdv_rows", grid_bwd_dkdv_rows, ("DK", "DV"), CONFIGS_DKDV, CONFIGS_DKDV_BY_HEAD_DIM),
-            ("dkdv_cols", grid_bwd_dkdv_cols, ("DK", "DV"), CONFIGS_DKDV, CONFIGS_DKDV_BY_HEAD_DIM),
-        ):
-            spec = aot_spec(f"grid_bwd_{name}[d{d}]", kernel, outputs, dict(example, B=1, GROUP=2, T_Q=4), fixed,
-                            configs_at(configs, by_dim, d), note)
+        for axis, name in ((0, "rows"), (1, "cols")):
+            fixed = dict(AXIS=axis, CAUSAL=True, NUM_OBJ=3, BLOCK_D=d, DOT_PRECISION="ieee", DOT_FP32=False)
+            spec = aot_spec(f"grid_bwd_{name}[d{d}]", grid_bwd_axis, ("DQ", "DK", "DV"),
+                            dict(example, B=1, GROUP=2, T_Q=4), fixed, configs_at(CONFIGS, CONFIGS_BY_HEAD_DIM, d), note)
             specs.append(spec)
     return specs
 
@@ -429,98 +360,100 @@ def _aot_specs():
 AOT_SPECS = _aot_specs()
 
 
+def _config(config_dq, config_dkdv):
+    """The one configuration of the fused kernel forced by ``config_dq`` / ``config_dkdv``
+    (either, or both when equal), or ``None``."""
+    if config_dq is not None and config_dkdv is not None and (
+        config_dq.all_kwargs() != config_dkdv.all_kwargs()
+    ):
+        raise ValueError(
+            "config_dq and config_dkdv: the grid backward is one fused kernel (dQ, dK and dV per axis); "
+            f"force one configuration, got {config_dq} and {config_dkdv}"
+        )
+    return config_dq if config_dq is not None else config_dkdv
+
+
 def launch_backward(p: Problem, inputs: tuple, dq, dk, dv, strides: tuple, scale: float, meta: dict, *,
                     interpret: bool, config_dq=None, config_dkdv=None) -> None:
-    """Launch the dQ kernels (rows, then columns) and the dK/dV kernels (rows, then columns)
-    for problem ``p`` (see :func:`sst_triton.kernels.launch.run`)."""
+    """Launch :func:`grid_bwd_axis` on the rows, then on the columns, for problem ``p`` (see
+    :func:`sst_triton.kernels.launch.run`); ``config_dq`` / ``config_dkdv`` force the
+    configuration of both (one fused kernel: give either, or the same one twice)."""
+    config = _config(config_dq, config_dkdv)
     sizes = (p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, float(scale))
-    limits = f"T*H={p.T * p.H}, T*W={p.T * p.W}, B*N={p.B * p.N}"
+    limits = f"T*H={p.T * p.H}, T_q*W={p.T_q * p.W}, B*N_kv={p.B * p.N_kv}"
     grids = {
-        "grid_bwd_dq_rows": lambda m: (cdiv(p.W, m["BLOCK_M"]) * p.T_q * p.H * p.B * p.N,),
-        "grid_bwd_dq_cols": lambda m: (cdiv(p.H, m["BLOCK_M"]) * p.T_q * p.W * p.B * p.N,),
-        "grid_bwd_dkdv_rows": lambda m: (cdiv(p.W, m["BLOCK_N"]) * p.T * p.H * p.B * p.N_kv,),
-        "grid_bwd_dkdv_cols": lambda m: (cdiv(p.H, m["BLOCK_N"]) * p.T * p.W * p.B * p.N_kv,),
+        # one program per line of one (batch, key/value head): every key frame's rows, the
+        # query frames' columns (a column of another frame has no queries of its own)
+        "grid_bwd_rows": (0, lambda m: (p.T * p.H * p.B * p.N_kv,)),
+        "grid_bwd_cols": (1, lambda m: (p.T_q * p.W * p.B * p.N_kv,)),
     }
-    configs = {"dq": (CONFIGS_DQ, config_dq), "dkdv": (CONFIGS_DKDV, config_dkdv)}
-    # every grid is checked before any kernel runs
-    for name, grid in grids.items():
-        listed, forced = configs[name.split("_")[2]]
-        for c in [forced] if forced is not None else listed:
+    # both grids are checked before either pass runs
+    for name, (_, grid) in grids.items():
+        for c in [config] if config is not None else CONFIGS:
             check_grid(name, grid({**meta, **c.kwargs}), limits)
     module = sys.modules[__name__]
-    for name, grid in grids.items():
-        listed, forced = configs[name.split("_")[2]]
-        outputs = (dq,) if "dq" in name else (dk, dv)
-        run(module, name, grid, (*inputs, *outputs, *strides, *sizes), meta, interpret=interpret,
-            configs=listed, config=forced, sizes=limits)
+    for name, (axis, grid) in grids.items():
+        run(module, name, grid, (*inputs, dq, dk, dv, *strides, *sizes), dict(meta, AXIS=axis), interpret=interpret,
+            configs=CONFIGS, config=config, sizes=limits)
 
 
-def work_backward(p: Problem, config_dq, config_dkdv, elem_bytes: int = 4) -> tuple[Work, Work]:
-    """What the dQ kernels and the dK/dV kernels issue for ``p`` (see
-    :mod:`sst_triton.kernels.work`): q/k/v/dO elements of ``elem_bytes`` (4: float32; the
-    gradients, whose partials the column passes read back, alike), float32 accumulation,
-    separate contiguous tensors."""
+def work_backward(p: Problem, config_dq, config_dkdv=None, elem_bytes: int = 4) -> tuple[Work]:
+    """What the fused kernel issues for ``p`` (see :mod:`sst_triton.kernels.work`), both
+    passes: a 1-tuple, the kernel computing dQ, dK and dV at once. q/k/v/dO and gradient
+    elements of ``elem_bytes`` (4: float32), float32 Lse/Delta/G, float32 accumulation,
+    separate contiguous tensors; ``config_dkdv``, if given, must equal ``config_dq``."""
     from ._common import block_d
 
+    config = _config(config_dq, config_dkdv)
+    BM, BN = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     BD, O, D = block_d(p.D), p.num_obj, p.D
     causal, H, W, T, t_off = p.pattern.causal, p.H, p.W, p.T, p.t_off
     heads, kv_heads = p.B * p.N, p.B * p.N_kv
     cell, acc = D * elem_bytes, 4
     obj = 2 * O * acc  # Arg and G of one query
-    # per query: q, dO, lse, Delta
-    query = 2 * cell + 2 * acc
-    every_query = heads * p.S_q * (query + obj)
+    query = 2 * cell + 2 * acc + obj  # q, dO, lse, Delta, Arg, G
+    every_query = heads * p.S_q * query
+    tile = Work(exp=BN * BM, dot_flops=5 * 2 * BN * BM * BD)  # one (key block, query block) pair
 
-    # dQ, row pass: per query frame, H rows of cdiv(W, BM) tiles against row and time keys
-    BM, BN = config_dq.kwargs["BLOCK_M"], config_dq.kwargs["BLOCK_N"]
-    tiles = cdiv(W, BM)
-    dq_rows = Work(programs=tiles * p.T_q * H * heads)
-    for t in range(t_off, T):
-        steps = t + (0 if causal else T - 1 - t)
-        dq_rows.exp += heads * H * tiles * (cdiv(W, BN) * BM * BN + steps * BM)
-        dq_rows.dot_flops += heads * H * tiles * cdiv(W, BN) * 6 * BM * BN * BD
-        dq_rows.load_bytes += heads * H * (W * query + tiles * W * 2 * cell + cdiv(W, BN) * W * obj
-                                            + steps * W * (2 * cell + obj))
-    dq_rows.distinct_bytes = every_query + 2 * kv_heads * p.S * cell
-    # dQ, column pass: against column keys, plus the partial
-    tiles = cdiv(H, BM)
-    lines = heads * p.T_q * W
-    dq_cols = Work(
-        programs=lines * tiles,
-        exp=lines * tiles * cdiv(H, BN) * BM * BN,
-        dot_flops=lines * tiles * cdiv(H, BN) * 6 * BM * BN * BD,
-        load_bytes=lines * (H * query + tiles * H * 2 * cell + cdiv(H, BN) * H * obj + H * cell),
-        distinct_bytes=every_query + 2 * kv_heads * p.T_q * H * W * cell + heads * p.S_q * cell,
-    )
-    # each pass writes dQ once per query (the row pass its partial)
-    dq_rows.store_bytes = dq_cols.store_bytes = heads * p.S_q * cell
-
-    # dK/dV, row pass: every key frame, H rows of cdiv(W, BN) key tiles, GROUP query heads
-    BM, BN = config_dkdv.kwargs["BLOCK_M"], config_dkdv.kwargs["BLOCK_N"]
-    tiles = cdiv(W, BN)
-    dkdv_rows = Work(programs=tiles * T * H * kv_heads)
+    # row pass: every key frame's rows (with their keys' time-line queries); queries of the
+    # row in query frames only
+    key_blocks, query_blocks = cdiv(W, BN), cdiv(W, BM)
+    rows = Work(programs=T * H * kv_heads)
     for t in range(T):
         in_row = t >= t_off
-        steps = (T - max(t + 1, t_off)) + (0 if causal else max(0, t - t_off))
+        time_queries = (T - max(t + 1, t_off)) + (0 if causal else max(0, t - t_off))  # per key
+        pairs = key_blocks * query_blocks if in_row else 0
         per_head = Work(
-            exp=tiles * ((cdiv(W, BM) * BN * BM if in_row else 0) + steps * BN),
-            dot_flops=tiles * (cdiv(W, BM) * 8 * BN * BM * BD if in_row else 0),
-            load_bytes=(tiles * W * (query + obj) if in_row else 0) + steps * W * (query + obj),
+            exp=pairs * tile.exp + key_blocks * BN * time_queries,
+            dot_flops=pairs * tile.dot_flops,
+            load_bytes=(key_blocks * W * query + (key_blocks - 1) * W * cell if in_row else 0)
+            + time_queries * W * query,
+            store_bytes=key_blocks * W * cell if in_row else 0,
         )
-        dkdv_rows.exp += heads * H * per_head.exp
-        dkdv_rows.dot_flops += heads * H * per_head.dot_flops
-        dkdv_rows.load_bytes += heads * H * per_head.load_bytes + kv_heads * H * W * 2 * cell
-    dkdv_rows.distinct_bytes = every_query + 2 * kv_heads * p.S * cell
-    # dK/dV, column pass: column queries of query frames, plus the partials
-    tiles = cdiv(H, BN)
-    lines = kv_heads * T * W
-    dkdv_cols = Work(
-        programs=lines * tiles,
-        exp=heads * p.T_q * W * tiles * cdiv(H, BM) * BN * BM,
-        dot_flops=heads * p.T_q * W * tiles * cdiv(H, BM) * 8 * BN * BM * BD,
-        load_bytes=heads * p.T_q * W * tiles * H * (query + obj) + lines * H * 2 * 2 * cell,
-        distinct_bytes=every_query + 2 * kv_heads * p.S * 2 * cell,
+        rows.exp += heads * H * per_head.exp
+        rows.dot_flops += heads * H * per_head.dot_flops
+        rows.load_bytes += heads * H * per_head.load_bytes + kv_heads * H * W * 2 * cell
+        rows.store_bytes += heads * H * per_head.store_bytes + kv_heads * H * W * 2 * cell
+    # every query (its row or its time line), every key, dQ read back past the first key block
+    rows.distinct_bytes = every_query + 2 * kv_heads * p.S * cell + (heads * p.S_q * cell if key_blocks > 1 else 0)
+
+    # column pass: query frames' columns, each cell's own pair masked; adds to the partials.
+    # First the queries' time keys (q, dO, lse, Delta, then k, v, Arg, G per frame; dQ updated)
+    key_blocks, query_blocks = cdiv(H, BN), cdiv(H, BM)
+    lines, keys = kv_heads * p.T_q * W, kv_heads * p.T_q * H * W
+    time = Work()
+    for t in range(t_off, T):
+        time_keys = t + (0 if causal else T - 1 - t)
+        time.exp += heads * W * query_blocks * BM * time_keys
+        time.load_bytes += heads * W * H * (2 * cell + 2 * acc + time_keys * (2 * cell + obj) + cell)
+    cols = Work(
+        programs=lines,
+        exp=time.exp + lines * p.group * key_blocks * query_blocks * tile.exp,
+        dot_flops=lines * p.group * key_blocks * query_blocks * tile.dot_flops,
+        load_bytes=time.load_bytes + heads * p.S_q * key_blocks * (query + cell) + keys * 2 * cell + keys * 2 * cell,
+        # time keys reach every key frame (T > 1): k, v of all; the partials of query frames
+        distinct_bytes=every_query + heads * p.S_q * cell + 2 * kv_heads * (p.S if T > 1 else H * W) * cell
+        + 2 * keys * cell,
+        store_bytes=heads * p.S_q * (1 + key_blocks) * cell + 2 * keys * cell,
     )
-    # each pass writes dK and dV once per key (the row pass its partials)
-    dkdv_rows.store_bytes = dkdv_cols.store_bytes = 2 * kv_heads * p.S * cell
-    return dq_rows + dq_cols, dkdv_rows + dkdv_cols
+    return (rows + cols,)

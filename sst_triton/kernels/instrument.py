@@ -19,7 +19,8 @@ launch issues in a :class:`~sst_triton.kernels.work.Work`, following the countin
   which goes through ``create_masked_store``) times the element size of the pointer.
 
 Each launch is booked separately and named by its kernel, so a backward's ``dQ`` and
-``dK/dV`` kernels are told apart (:func:`count_backward`). ``PyTorch`` work around the
+``dK/dV`` kernels are told apart, or its fused ``dQ + dK/dV`` kernels grouped
+(:func:`count_backward`). ``PyTorch`` work around the
 kernels (``Delta``, allocation) is not counted: it is not kernel work.
 
 Also here: :func:`useful_pairs` (the pattern's ``sum_p |I_p|``, the denominator of ``E``) and
@@ -220,12 +221,15 @@ def count_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, labels=None, num_objects=None,
     causal_affinity: bool = True, dilation=(1, 1, 1), config=None, config_dq=None, config_dkdv=None,
     seed: int = 0,
-) -> tuple[Work, Work]:
-    """The work of the backward's ``dQ`` kernel(s) and of its ``dK/dV`` kernel(s), separately.
+) -> tuple[Work, ...]:
+    """The work of the backward's ``dQ`` kernel(s) and of its ``dK/dV`` kernel(s), separately:
+    ``(dq, dkdv)``; or, for a backward whose kernels compute ``dQ``, ``dK`` and ``dV`` at once,
+    of those fused kernels: ``(fused,)`` (as the modules' ``work_backward`` return them).
 
     Runs the forward (``config``, not counted), then the backward with random ``dO`` and,
     with objects, random affinity gradients, counting each launch: a kernel whose name
-    contains ``dq`` is booked to ``dQ``, every other one to ``dK/dV``.
+    contains ``dkdv`` is booked to ``dK/dV``, one whose name contains ``dq`` to ``dQ``, any
+    other one to the fused kernels (a backward mixing both kinds is refused).
     """
     from .. import triton_path
     from .backward import attention_backward
@@ -241,9 +245,15 @@ def count_backward(
                            dilation=dilation, config_dq=config_dq, config_dkdv=config_dkdv)
     if not launches:
         raise RuntimeError("the backward launched no interpreted kernel (CUDA tensors?)")
-    dq = _total([launch for launch in launches if "dq" in launch.name.lower()])
-    dkdv = _total([launch for launch in launches if "dq" not in launch.name.lower()])
-    return dq, dkdv
+    kinds: dict[str, list[Launch]] = {"dq": [], "dkdv": [], "fused": []}
+    for launch in launches:
+        name = launch.name.lower()
+        kinds["dkdv" if "dkdv" in name else "dq" if "dq" in name else "fused"].append(launch)
+    if kinds["fused"]:
+        if kinds["dq"] or kinds["dkdv"]:
+            raise RuntimeError(f"a backward of fused and separate kernels: {[x.name for x in launches]}")
+        return (_total(kinds["fused"]),)
+    return _total(kinds["dq"]), _total(kinds["dkdv"])
 
 
 def inputs(p: Problem, dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -267,7 +277,7 @@ def count_problem_forward(p: Problem, config=None, dtype: torch.dtype = torch.fl
 
 
 def count_problem_backward(p: Problem, config_dq=None, config_dkdv=None, dtype: torch.dtype = torch.float32,
-                           causal_affinity: bool = True) -> tuple[Work, Work]:
+                           causal_affinity: bool = True) -> tuple[Work, ...]:
     """:func:`count_backward` on random inputs of problem ``p``."""
     q, k, v, labels = inputs(p, dtype)
     return count_backward(q, k, v, p.pattern, labels, p.num_obj or None, causal_affinity, p.dilation,
@@ -353,9 +363,11 @@ def table(T: int = 4, H: int = 24, W: int = 40, D: int = 32, num_obj: int = 3, o
         p = Problem(1, 1, 1, T, T, H, W, D, pattern, num_obj)
         start = time.perf_counter()
         fwd = count_problem_forward(p)
-        dq, dkdv = count_problem_backward(p)
+        bwd = count_problem_backward(p)
         row = dict(pattern=name, seconds=time.perf_counter() - start, useful_pairs=useful_pairs(p))
-        for kernel, work in (("fwd", fwd), ("dq", dq), ("dkdv", dkdv)):
+        # a fused backward (dQ, dK and dV in one kernel) fills one column: "dq+dkdv"
+        kernels = (("dq", bwd[0]), ("dkdv", bwd[1])) if len(bwd) == 2 else (("dq+dkdv", bwd[0]),)
+        for kernel, work in (("fwd", fwd), *kernels):
             e, l = ratios(work, p)
             row[kernel] = dict(E=e, L=l, **dataclasses.asdict(work))
         rows.append(row)
@@ -366,8 +378,10 @@ def table(T: int = 4, H: int = 24, W: int = 40, D: int = 32, num_obj: int = 3, o
 
 def _format_row(row: dict) -> str:
     cells = [f"{row['pattern']:<16}"]
-    for kernel in ("fwd", "dq", "dkdv"):
-        cells.append(f"E {row[kernel]['E']:5.2f} L {row[kernel]['L']:5.2f}")
+    for kernel in ("fwd", "dq", "dkdv", "dq+dkdv"):
+        if kernel in row:
+            label = " (dQ+dK/dV fused)" if kernel == "dq+dkdv" else ""
+            cells.append(f"E {row[kernel]['E']:5.2f} L {row[kernel]['L']:5.2f}{label}")
     return " | ".join(cells) + f"   ({row['seconds']:.0f} s)"
 
 
