@@ -23,7 +23,10 @@ holds each model equal to an instrumented interpreter run of the kernel. From th
   written once), useful FLOPs (forward ``4 D U``; backward ``dQ`` kernel ``6 D U`` (``Q K^T``,
   ``dO V^T``, ``dS K``), ``dK/dV`` kernel ``8 D U`` (``Q K^T``, ``dO V^T``, ``P^T dO``,
   ``dS^T Q``), a whole backward ``10 D U`` as FlashAttention-2 counts it) and one exp per
-  useful pair and pass; the fraction of the roofline is its time over the estimate.
+  useful pair and pass; the fraction of the roofline is its time over the estimate. A
+  backward whose kernels compute dQ, dK and dV at once (grid: one fused kernel per axis;
+  its ``work_backward`` returns one Work) is one ``dq+dkdv`` row, against the whole
+  backward's roofline.
 
 Shapes (issue 11): the SST paper shape (B=1, N=8, T=4, H=60, W=107, D=32, bf16, 3 objects)
 with local (7,5,5), local (3,7,7), strided (1,4,4) and grid; the video-diffusion shape
