@@ -47,6 +47,7 @@ class Device:
     tf32_flop_per_s: float  # dense tensor cores, tf32
     fp32_flop_per_s: float  # CUDA cores (fp32 tl.dot with input_precision="ieee")
     exp_per_s: float  # SFU ex2
+    l2_bytes_per_s: float = 0.0  # L2 -> SM load bandwidth (0: not modelled)
 
     def flop_per_s(self, dtype: str = "bf16") -> float:
         return {"bf16": self.bf16_flop_per_s, "fp16": self.bf16_flop_per_s, "tf32": self.tf32_flop_per_s,
@@ -54,8 +55,16 @@ class Device:
 
 
 SMS, TENSOR_CLOCK_HZ, SFU_EXP_PER_CLK_PER_SM = 132, 1.83e9, 16
-H100 = Device("H100 SXM", 3.35e12, 989.4e12, 494.7e12, 66.9e12, SFU_EXP_PER_CLK_PER_SM * SMS * TENSOR_CLOCK_HZ)
-H200 = Device("H200 SXM", 4.8e12, 989.4e12, 494.7e12, 66.9e12, SFU_EXP_PER_CLK_PER_SM * SMS * TENSOR_CLOCK_HZ)
+# L2 bandwidth: 8,986 GB/s is tabulated for the full GH100 (144 SMs at 1.755 GHz, i.e. 35.6
+# bytes/clk/SM; Ultrasonics Sonochemistry 99:106546 (2023), Table 3); the same bytes per SM and
+# clock on the SXM part's 132 SMs at 1.83 GHz give 8.6 TB/s. A peak, not a measurement: measured
+# L2 bandwidth is lower, so a kernel bound here is, if anything, slower than estimated.
+L2_BYTES_PER_CLK_PER_SM = 8986e9 / (144 * 1.755e9)
+L2_BYTES_PER_S = L2_BYTES_PER_CLK_PER_SM * SMS * TENSOR_CLOCK_HZ
+H100 = Device("H100 SXM", 3.35e12, 989.4e12, 494.7e12, 66.9e12, SFU_EXP_PER_CLK_PER_SM * SMS * TENSOR_CLOCK_HZ,
+              L2_BYTES_PER_S)
+H200 = Device("H200 SXM", 4.8e12, 989.4e12, 494.7e12, 66.9e12, SFU_EXP_PER_CLK_PER_SM * SMS * TENSOR_CLOCK_HZ,
+              L2_BYTES_PER_S)
 DEVICES = (H100, H200)
 
 HBM_BYTES_PER_S = H100.hbm_bytes_per_s

@@ -16,9 +16,12 @@ holds each model equal to an instrumented interpreter run of the kernel. From th
 - time estimate = max(HBM bytes / bandwidth, MMA FLOPs / tensor-core peak, exps / exp-unit
   rate) with the constants of ``perf/roofline.py`` (H100 SXM 3.35 TB/s, H200 4.8 TB/s,
   989.4 TFLOP/s bf16 dense, 66.9 TFLOP/s fp32 on CUDA cores, 3.87e12 exp/s from the SFU's
-  16 ex2/clk/SM x 132 SMs x 1.83 GHz; sources there). The three roofs are taken as perfectly
-  overlapped and launch overhead as zero: an optimistic estimate, and a measured GPU time
-  always outranks it;
+  16 ex2/clk/SM x 132 SMs x 1.83 GHz; sources there), and a fourth roof issue 11 does not
+  name: bytes loaded / L2 bandwidth (8.6 TB/s, a peak derived in ``perf/roofline.py``; every
+  byte a program loads crosses L2 -> SM, so a kernel that re-reads its keys ``L`` times pays
+  ``L`` there: the small query boxes of the local kernels at D = 128 are bound by it;
+  ``--no-l2`` prints the three-roof figures). The roofs are taken as perfectly overlapped and
+  launch overhead as zero: an optimistic estimate, and a measured GPU time always outranks it;
 - the roofline of the pattern itself: compulsory bytes (each input read once, each output
   written once), useful FLOPs (forward ``4 D U``; backward ``dQ`` kernel ``6 D U`` (``Q K^T``,
   ``dO V^T``, ``dS K``), ``dK/dV`` kernel ``8 D U`` (``Q K^T``, ``dO V^T``, ``P^T dO``,
@@ -139,6 +142,10 @@ class Estimate:
     bound: str
 
 
+# whether estimates include the L2 roof (``--no-l2``: the three roofs issue 11 names)
+WITH_L2 = True
+
+
 def estimate(p: Problem, kernel: str, work: Work, config_text: str, device: Device, eb: int = ELEMENT_BYTES,
              dtype: str = "bf16") -> Estimate:
     # every byte stored reaches HBM once; scratch a later pass reads back is also in its distinct loads
@@ -148,6 +155,10 @@ def estimate(p: Problem, kernel: str, work: Work, config_text: str, device: Devi
         "mma": work.dot_flops / device.flop_per_s(dtype),
         "exp": work.exp / device.exp_per_s,
     }
+    if WITH_L2 and device.l2_bytes_per_s:
+        # every byte a program loads crosses L2 -> SM (re-reads hit L2, not HBM): L bytes per
+        # distinct byte, which small query tiles pay most
+        roofs["l2"] = work.load_bytes / device.l2_bytes_per_s
     bound = max(roofs, key=roofs.get)
     return Estimate(kernel, config_text, work, hbm, roofs[bound], bound)
 
@@ -245,16 +256,18 @@ def _row(case: str, kernel: str, e: Estimate, p: Problem, device: Device, mark: 
 
 
 HEADER = (
-    f"{'case':<28}{'kernel':<8}{'config':<57}{'E':>7}{'L':>7}{'Mexp':>9}{'MMA GF':>9}{'load MB':>10}"
-    f"{'HBM MB':>9}{'comp MB':>9}{'use GF':>9}{'est us':>9}  {'by':<6}{'uTF/s':>8}{'roof':>8}"
+    f"{'case':<28}{'kernel':<8}{'config':<57}{'E':>7}{'L':>7}{'Mexp':>9}{'MMA GF':>9}{'load MiB':>10}"
+    f"{'HBM MiB':>9}{'comp MiB':>9}{'use GF':>9}{'est us':>9}  {'by':<6}{'uTF/s':>8}{'roof':>8}"
 )
 
 
 def report(device: Device = H100, all_configs: bool = False) -> str:
     lines = [
         f"{device.name}: {device.hbm_bytes_per_s / 1e12:.2f} TB/s HBM, {device.bf16_flop_per_s / 1e12:.1f} TFLOP/s bf16, "
-        f"{device.exp_per_s / 1e12:.2f} T exp/s; bf16 inputs; E = exp/useful pair, L = loaded/distinct bytes, "
-        "Mexp = 1e6 exps, MMA GF = tl.dot GFLOP, HBM MB = distinct loaded + stored, comp MB = compulsory, "
+        f"{device.exp_per_s / 1e12:.2f} T exp/s, "
+        + (f"L2 {device.l2_bytes_per_s / 1e12:.1f} TB/s" if WITH_L2 and device.l2_bytes_per_s else "no L2 roof")
+        + "; bf16 inputs; E = exp/useful pair, L = loaded/distinct bytes, "
+        "Mexp = 1e6 exps, MMA GF = tl.dot GFLOP, HBM MiB = distinct loaded + stored, comp MiB = compulsory (MiB = 2**20 bytes), "
         "use GF = useful GFLOP, uTF/s = useful TFLOP/s at the estimate, roof = pattern roofline / estimate",
         HEADER,
     ]
@@ -323,7 +336,11 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--device", choices=[d.name.split()[0] for d in DEVICES], action="append")
     parser.add_argument("--all-configs", action="store_true", help="a row for every candidate configuration")
     parser.add_argument("--issue-table", action="store_true", help="only issue 11's E/L table at T,H,W = 4,24,40")
+    parser.add_argument("--no-l2", action="store_true",
+                        help="leave out the L2 roof (issue 11's model: HBM, tensor cores, exp unit)")
     args = parser.parse_args(argv)
+    global WITH_L2
+    WITH_L2 = not args.no_l2
     if args.issue_table:
         print(issue_table())
         return 0
