@@ -51,10 +51,14 @@ def test_aot_specs_cover_every_config_the_autotuner_may_pick(module_name):
     prune = tuned.early_config_prune
     for spec in module.AOT_SPECS:
         block_d = spec.constexprs["BLOCK_D"]
-        kept = prune(module.CONFIGS, {}, BLOCK_D=block_d)
+        # a module with several kernels of their own configurations (grid: two passes, or a
+        # single pass) prunes each kernel's own list
+        own = list(getattr(module, spec.kernel.fn.__name__ + "_tuned", tuned).configs)
+        kept = prune(own, {}, BLOCK_D=block_d)
         assert [aot._config_text(c) for c in kept] == [aot._config_text(c) for c in spec.configs]
         # the interpreter's configuration is one the GPU may run too
-        assert aot._config_text(module.CONFIGS[0]) in [aot._config_text(c) for c in spec.configs]
+        if module.CONFIGS[0] in own:
+            assert aot._config_text(module.CONFIGS[0]) in [aot._config_text(c) for c in spec.configs]
         for config in spec.configs:
             blocks = [v for k, v in config.kwargs.items() if k.startswith("BLOCK")]
             assert min(blocks) >= 16, "tl.dot needs blocks of at least 16"
@@ -74,6 +78,11 @@ def test_coverage_spans_head_dims_options_and_objects_for_every_kernel():
                 if flag in at_d[0].constexprs:
                     assert {s.constexprs[flag] for s in at_d} == {True, False}, (kernel, d, flag)
             for s in at_d:
+                # grid's single pass fits the registers at small head dims only: its launcher
+                # never runs it where its pruner keeps nothing
+                if aot._base_name(s) == "grid_fwd_tiles" and d > 32:
+                    assert not s.configs, s.name
+                    continue
                 assert s.configs, f"{s.name}: no configuration left at head dim {d}"
                 # the signature is complete: every runtime argument has a type or a value
                 s.compile_args(s.configs[0])

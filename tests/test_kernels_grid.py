@@ -59,6 +59,9 @@ CONFIG_CASES = [
     (1, (1, 2, 1, 2, 3, 5, 40, 16)),
     (2, (1, 1, 1, 2, 2, 3, 40, 8)),
     (3, (1, 1, 1, 1, 3, 4, 36, 24)),
+    # the single pass on 16 x 16 tiles: 2 tiles and 2 key blocks along both axes, the last
+    # tile part-filled on each (H=17, W=18), GQA, one query frame fewer
+    (4, (1, 2, 1, 2, 3, 17, 18, 8)),
 ]
 
 
@@ -87,6 +90,110 @@ OPTION_CASES = [
 @pytest.mark.parametrize("causal,causal_affinity,labels,shape", OPTION_CASES)
 def test_forward_options(causal, causal_affinity, labels, shape):
     _check_forward(shape, causal, causal_affinity, labels, config=None)
+
+
+TILE_OPTION_CASES = [
+    # causal, causal_affinity, labels, (B, N, N_kv, T_q, T, H, W, D)
+    (True, False, True, (1, 2, 1, 2, 4, 18, 17, 8)),  # GQA, T_q < T, affinity in the frame too
+    (False, True, True, (2, 1, 1, 3, 3, 5, 19, 20)),
+    (True, True, False, (1, 3, 1, 1, 3, 20, 3, 8)),
+    # one row / one column: no column keys / one row key
+    (False, False, True, (1, 1, 1, 2, 3, 1, 5, 8)),
+    (True, False, True, (1, 1, 1, 2, 3, 5, 1, 8)),
+]
+
+
+@pytest.mark.parametrize("causal,causal_affinity,labels,shape", TILE_OPTION_CASES)
+def test_single_pass_options(causal, causal_affinity, labels, shape):
+    """The single-pass kernel (a BH/BW configuration) against the float64 reference: every
+    option, grouped heads, fewer query frames, H and W not multiples of the tile."""
+    (tiles,) = grid_fwd.TILE_CONFIGS
+    _check_forward(shape, causal, causal_affinity, labels, config=tiles)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_single_pass_half_precision(dtype):
+    """16-bit inputs on the single pass: within two roundings of the dtype of the float64
+    reference (relative to the largest |v|), affinities and argmax those of the two passes."""
+    shape = (1, 2, 1, 2, 3, 17, 18, 8)
+    q, k, v, lab = _inputs(*shape)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    pattern = Pattern.grid()
+    out, aff, lse, arg = _forward(q, k, v, pattern, lab, False, grid_fwd.TILE_CONFIGS[0])
+    ref = reference_attention(q.double(), k.double(), v.double(), pattern, None, lab, O, False, return_lse=True)
+    assert out.dtype == dtype
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    err = ((out.double() - ref[0]).abs() / v.double().abs().max()).max().item()
+    assert err <= 2 * u, err
+    torch.testing.assert_close(lse.double(), ref[-1], rtol=1e-3, atol=1e-3)
+    two_pass = _forward(q, k, v, pattern, lab, False, grid_fwd.CONFIGS[0])
+    torch.testing.assert_close(aff, two_pass[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(arg, two_pass[3])
+
+
+def test_launcher_dispatches_by_configuration_kind():
+    """A BLOCK_M configuration runs the two passes, a BH/BW one the single pass (one program
+    per tile of a query frame, grid on axis 0 within CUDA's limits at sizes the interpreter
+    cannot run), and the interpreter's default is the first, a two-pass one."""
+    pattern = Pattern.grid()
+    (tiles,) = grid_fwd.TILE_CONFIGS
+    assert "BLOCK_M" in grid_fwd.CONFIGS[0].kwargs
+    q = torch.empty(1, 2, 3, 17, 40, 16)
+    with capture_grids(launch=False) as seen:
+        triton_path.forward(q, q, q, pattern, config=tiles)
+    assert seen == [("grid_fwd_tiles", (2 * 3 * 3 * 2,))]  # cdiv(17,16) * cdiv(40,16) * T_q * B*N
+    with capture_grids(launch=False) as seen:
+        triton_path.forward(q, q, q, pattern)
+    assert [name for name, _ in seen] == ["grid_fwd_rows", "grid_fwd_cols"]
+    # cdiv(H, 16) * T_q = 68,750 tiles of one head; B*N = 65,536 heads of one tile
+    for B, N, T, H, W in ((1, 1, 1, 1_100_000, 1), (2, 32_768, 1, 1, 2)):
+        q = torch.empty(B, N, T, H, W, 16)
+        with capture_grids(launch=False) as seen:
+            triton_path.forward(q, q, q, pattern, config=tiles)
+        ((name, grid),) = seen
+        assert name == "grid_fwd_tiles" and len(grid) == 1 and 65_535 < grid[0] <= GRID_LIMITS[0]
+
+
+def test_cuda_default_times_both_kinds_once_per_key(monkeypatch):
+    """On CUDA with no configuration forced, the launcher autotunes each kind where its
+    configurations are kept, times them once per autotuning key, then runs the faster one;
+    where the single pass has no configuration (head dim 64) only the two passes run.
+    The kernels are stand-ins here (no GPU): what is checked is the choice."""
+    import triton.testing
+
+    from sst_triton.kernels.launch import Problem
+
+    calls = []
+    monkeypatch.setattr(grid_fwd, "_launch_two_pass", lambda *a, **kw: calls.append("two_pass"))
+    monkeypatch.setattr(grid_fwd, "_launch_tiles", lambda *a, **kw: calls.append("tiles"))
+    speed = {"two_pass": 2.0, "tiles": 1.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), speed[calls[-1]])[1])
+    monkeypatch.setattr(grid_fwd, "_FASTEST_KIND", {})
+    q = torch.empty(1, 1, 2, 3, 4, 32)
+    meta = dict(BLOCK_D=32, CAUSAL=False, CAUSAL_AFF=True)
+    p = Problem(1, 1, 1, 2, 2, 3, 4, 32, Pattern.grid())
+    grid_fwd.launch_forward(p, (q,), (), 1.0, meta, interpret=False)
+    # each kind tuned, then timed, then the faster one run
+    assert calls == ["two_pass", "two_pass", "tiles", "tiles", "tiles"]
+    calls.clear()
+    grid_fwd.launch_forward(p, (q,), (), 1.0, meta, interpret=False)
+    assert calls == ["tiles"]  # remembered for the key
+    calls.clear()
+    p64 = Problem(1, 1, 1, 2, 2, 3, 4, 64, Pattern.grid())
+    grid_fwd.launch_forward(p64, (q,), (), 1.0, {**meta, "BLOCK_D": 64}, interpret=False)
+    assert calls == ["two_pass", "two_pass", "two_pass"]
+
+
+def test_single_pass_configurations_are_pruned_apart():
+    """Each kind's autotuner sees only its own configurations, pruned per head dim by the one
+    table (the single pass compiles spill-free at head dim 32 only)."""
+    prune = grid_fwd.kind_pruner(grid_fwd.CONFIGS_BY_HEAD_DIM)
+    for tuned, kind in ((grid_fwd.grid_fwd_rows_tuned, "BLOCK_M"), (grid_fwd.grid_fwd_cols_tuned, "BLOCK_M"),
+                        (grid_fwd.grid_fwd_tiles_tuned, "BH")):
+        assert tuned.configs and all(kind in c.kwargs for c in tuned.configs)
+    assert len(prune(grid_fwd.TILE_CONFIGS, {}, BLOCK_D=32)) == 1
+    assert prune(grid_fwd.TILE_CONFIGS, {}, BLOCK_D=64) == [] == prune(grid_fwd.TILE_CONFIGS, {}, BLOCK_D=128)
+    assert len(prune(grid_fwd.TWO_PASS_CONFIGS, {}, BLOCK_D=64)) == 4
 
 
 def test_version_2_equals_the_plain_call():

@@ -96,6 +96,23 @@ def test_backward_model_equals_the_instrumented_count(module, problem, configs):
     assert [_asdict(w) for w in modelled] == [_asdict(w) for w in counted]
 
 
+@pytest.mark.parametrize("problem,causal_affinity,dtype", [
+    (Problem(1, 2, 1, 2, 3, 17, 18, 8, Pattern.grid(), num_obj=3), False, torch.bfloat16),
+    (Problem(1, 2, 1, 1, 3, 7, 10, 24, Pattern.grid(causal=True), num_obj=2), True, torch.float32),
+    (Problem(2, 1, 1, 2, 2, 5, 10, 16, Pattern.grid(causal=True)), False, torch.float16),
+], ids=["gqa-streaming-objects-bf16", "causal-streaming-fp32", "plain-B2-fp16"])
+def test_grid_single_pass_model_equals_the_instrumented_count(problem, causal_affinity, dtype):
+    """grid's single-pass kernel (its BH/BW configurations) beyond the generic cases above:
+    same-frame labels (causal_affinity=False), 16-bit elements, several tiles per axis with
+    the last part-filled (its batched 3-D products counted as 2 * batch * M * N * K)."""
+    from sst_triton.kernels import grid_fwd
+
+    for config in grid_fwd.TILE_CONFIGS:
+        counted = instrument.count_problem_forward(problem, config, dtype, causal_affinity)
+        modelled = grid_fwd.work_forward(problem, config, dtype.itemsize, causal_affinity, dtype == torch.float16)
+        assert _asdict(modelled) == _asdict(counted)
+
+
 # ---------------------------------------------------------------------------------------
 # Issue 11's targets, at its shape, under the interpreter's configuration
 # ---------------------------------------------------------------------------------------

@@ -39,16 +39,31 @@ Work at T, H, W = 4, 24, 40 (``CONFIGS[0]``, see :func:`work_forward`): a query 
 row key, ``ceil(H/BLOCK_M)`` times as a column key and once per other query frame as a
 time key: E = 1.84 softmax elements per useful pair, L = 2.66 (the one-pass design with
 per-query column and time vectors issued E = 3.05, L = 18.8).
+
+Single pass (``grid_fwd_tiles``, the configurations carrying ``BH``/``BW``): a program owns
+a ``BH x BW`` tile of queries of one frame and computes every key of them in registers:
+the column keys as one batched ``tl.dot`` per block (``[BW, BH, D]`` queries, the tile's
+``BW`` columns the batch), that state permuted back once and continued by the row keys
+(``[BH, BW, D]``, the ``BH`` rows the batch) and the time keys. No partial state goes
+through HBM and q, k, v are read once per launch from HBM (55.7 MiB instead of 129.4 at the SST
+shape), but each key is read by ``cdiv(W, BW)`` tiles as a row key and ``cdiv(H, BH)`` as
+a column key: L = 9.7 at 16 x 16, which the L2 roof prices (``perf/work_model.py``: 39.2%
+of the H100 roofline at the SST shape vs 43.1% for the two passes; 16 x 32 tiles would
+reach 49.4% but spill). Its batched products need ~240 registers at 16 x 16 x 32, so it
+is kept at head dims <= 32 only (:data:`CONFIGS_BY_HEAD_DIM`). On CUDA with no
+configuration forced, :func:`launch_forward` times the two kinds once per autotuning key.
 """
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
+    cast,
     dot,
     forward_aot_specs,
     object_max_block,
@@ -62,19 +77,29 @@ from .work import Work
 
 # The first configuration is the interpreter's (and the one the issue-11 counts use): 16-wide
 # tiles pad W = 40 to 48 and H = 24 to 32, the least exponentials at the SST shapes. The
-# others are for the GPU: BLOCK_M >= 64 so that Hopper's wgmma applies (d <= 64).
+# next three are for the GPU: BLOCK_M >= 64 so that Hopper's wgmma applies (d <= 64). The
+# last one carries BH / BW: it runs the single-pass kernel (:func:`grid_fwd_tiles`) on a
+# ``BH x BW`` query tile, both >= 16 (each is the M of one batched ``tl.dot``).
 CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BH": 16, "BW": 16, "BLOCK_N": 16}, num_warps=8, num_stages=2),
 ]
 # Which of them compile spill-free on sm_80 and sm_90a (``python -m sst_triton.aot --check``),
 # per padded head dim: at 128 the 64-query tiles spill in the row pass (its time-line
 # vectors hold [BLOCK_M, BLOCK_D] key and value rows besides the accumulator); at 32 ptxas
-# caps the column pass of the last one at 168 registers on sm_90a and spills 20 bytes; at 128
-# its column pass, with the float16 partial's exponents, spills 16 bytes at sm_80's 168.
-CONFIGS_BY_HEAD_DIM = {32: (0, 1, 2), 64: (0, 1, 2, 3), 128: (0,)}
+# caps the column pass of the last two-pass one at 168 registers on sm_90a and spills 20
+# bytes; at 128 its column pass, with the float16 partial's exponents, spills 16 bytes at
+# sm_80's 168. The single pass fits at 32 only (235-255 registers at 8 warps, no spill); at
+# 64 it spills ~700 bytes, at 128 ~6.5 KB, and so do 16 x 16 tiles on 4 warps (1.7 KB at 32)
+# and 16 x 32 tiles on 8 warps (1.5 KB at 32): its batched products need ~240 registers even
+# without objects or time keys, far above a two-dimensional tile of as many queries.
+CONFIGS_BY_HEAD_DIM = {32: (0, 1, 2, 4), 64: (0, 1, 2, 3), 128: (0,)}
+# the two kinds of configuration, each its own kernels' autotuning list
+TWO_PASS_CONFIGS = [c for c in CONFIGS if "BLOCK_M" in c.kwargs]
+TILE_CONFIGS = [c for c in CONFIGS if "BH" in c.kwargs]
 
 
 def configs_at(configs: list, by_head_dim: dict, block_d: int) -> list:
@@ -90,6 +115,23 @@ def head_dim_pruner(by_head_dim: dict):
 
     def prune(configs, named_args, **kwargs):
         return configs_at(list(configs), by_head_dim, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+
+    return prune
+
+
+def _config_key(config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+def kind_pruner(by_head_dim: dict):
+    """``early_config_prune`` keeping, of the configurations handed to it, those that
+    :func:`configs_at` keeps in the whole :data:`CONFIGS` at the call's ``BLOCK_D``: one
+    table prunes both kinds' autotuning lists."""
+
+    def prune(configs, named_args, **kwargs):
+        allowed = {_config_key(c) for c in configs_at(CONFIGS, by_head_dim,
+                                                     kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))}
+        return [c for c in configs if _config_key(c) in allowed]
 
     return prune
 
@@ -332,27 +374,244 @@ def grid_fwd_cols(
     )
 
 
-_prune = {"early_config_prune": head_dim_pruner(CONFIGS_BY_HEAD_DIM)}
-grid_fwd_rows_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_rows)
+# ---------------------------------------------------------------------------------------
+# Single pass: 2-D query tiles, row, column and time keys in one program
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_tile(s, m_i, l_i, acc, v, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """:func:`online_softmax_block` batched over the first axis (one line of the tile each).
+
+    s ``[L, M, BLOCK_N]`` base-2 logits (``-inf`` outside the pattern), m_i, l_i ``[L, M]``,
+    acc ``[L, M, BLOCK_D]``, v ``[L, BLOCK_N, BLOCK_D]``: line ``l``'s keys' values."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=2))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, axis=2)
+    acc = acc * alpha[:, :, None]
+    acc = dot(cast(p, v.dtype, INTERPRET_BF16), v, acc, DOT_PRECISION, INTERPRET_BF16)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _object_max_tile(s, eligible, key_labels, key_start, a_max, a_arg, NUM_OBJ: tl.constexpr,
+                     BLOCK_O: tl.constexpr):
+    """:func:`object_max_block` batched over the first axis: s, eligible ``[L, M, BLOCK_N]``,
+    key_labels ``[L, BLOCK_N]``, a_max, a_arg ``[L, M, BLOCK_O]``; the key found at position
+    ``j`` of line ``l`` is ``key_start + j`` (key_start: a scalar or ``[L, 1, 1]``)."""
+    objects = tl.arange(0, BLOCK_O)[None, None, :]
+    for o in tl.static_range(NUM_OBJ):
+        s_o = tl.where(eligible & (key_labels[:, None, :] == o), s, float("-inf"))
+        block_max, block_pos = tl.max(s_o, axis=2, return_indices=True, return_indices_tie_break_left=True)
+        better = (objects == o) & (block_max[:, :, None] > a_max)
+        a_max = tl.where(better, block_max[:, :, None], a_max)
+        a_arg = tl.where(better, key_start + block_pos[:, :, None], a_arg)
+    return a_max, a_arg
+
+
+@triton.jit
+def _time_keys_tile(q, qy, qx, q_valid, t0, t1, k_base, v_base, lab_base, sk_t, sv_t, sk_h, sv_h, sk_w, sv_w,
+                    sk_d, sv_d, H, W, D, scale_log2, m_i, l_i, acc, a_max, a_arg,
+                    ELIGIBLE: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_time_keys` for a ``[BH, BW]`` tile: keys ``(tt, y, x)``, ``tt`` in ``[t0, t1)``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = q_valid[:, :, None] & (offs_d < D)[None, None, :]
+    cell_k = (qy[:, None, None].to(tl.int64) * sk_h + qx[None, :, None].to(tl.int64) * sk_w
+              + offs_d[None, None, :].to(tl.int64) * sk_d)
+    cell_v = (qy[:, None, None].to(tl.int64) * sv_h + qx[None, :, None].to(tl.int64) * sv_w
+              + offs_d[None, None, :].to(tl.int64) * sv_d)
+    objects = tl.arange(0, BLOCK_O)[None, None, :]
+    for tt in range(t0, t1):
+        k = tl.load(k_base + cell_k + tl.cast(tt, tl.int64) * sk_t, mask=mask, other=0.0)
+        v = tl.load(v_base + cell_v + tl.cast(tt, tl.int64) * sv_t, mask=mask, other=0.0)
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=2) * scale_log2
+        s = tl.where(q_valid, s, float("-inf"))
+        if NUM_OBJ > 0:
+            if ELIGIBLE:
+                key_index = (tt * H + qy[:, None]) * W + qx[None, :]
+                key_labels = tl.load(lab_base + key_index, mask=q_valid, other=-1)
+                better = (q_valid & (key_labels >= 0))[:, :, None] & (key_labels[:, :, None] == objects) \
+                    & (s[:, :, None] > a_max)
+                a_max = tl.where(better, s[:, :, None], a_max)
+                a_arg = tl.where(better, key_index[:, :, None], a_arg)
+        m_new = tl.maximum(m_i, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, :, None] + p[:, :, None] * v.to(tl.float32)
+        m_i = m_new
+    return m_i, l_i, acc, a_max, a_arg
+
+
+@triton.jit
+def grid_fwd_tiles(
+    Q, K, V, Labels, Out, Lse, Aff, Arg,
+    sq_b, sq_n, sq_t, sq_h, sq_w, sq_d,
+    sk_b, sk_n, sk_t, sk_h, sk_w, sk_d,
+    sv_b, sv_n, sv_t, sv_h, sv_w, sv_d,
+    B, N, GROUP, T_Q, T, H, W, D,
+    scale_log2,
+    CAUSAL: tl.constexpr, CAUSAL_AFF: tl.constexpr, NUM_OBJ: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Every key of a ``BH x BW`` tile of queries ``(t, y0 .. y0+BH, x0 .. x0+BW)`` of one
+    (batch, head), in one pass; writes Out ``(B*N, S_q, D)``, Lse (natural log), Aff, Arg.
+
+    Q ``(B, N, T_Q, H, W, D)``, K, V ``(B, N // GROUP, T, H, W, D)``, any strides; Labels
+    int32 ``(B, T, H, W)``. Column keys first (batched ``tl.dot`` over the tile's ``BW``
+    columns, the query permuted to ``[BW, BH, D]``), their online-softmax state permuted
+    back once and continued by the row keys (batched over the ``BH`` rows) and the time
+    keys: one accumulator live at a time. The column's object maxima are kept apart and
+    merged last, so ties resolve as in the two-pass kernels (row and time keys first).
+    """
+    tiles_x = tl.cdiv(W, BW)
+    tiles_y = tl.cdiv(H, BH)
+    pid = tl.program_id(0)
+    pid_x = pid % tiles_x
+    pid_y = (pid // tiles_x) % tiles_y
+    rest = pid // (tiles_x * tiles_y)
+    tq = rest % T_Q
+    pid_bn = rest // T_Q
+    t = tq + (T - T_Q)
+    b = (pid_bn // N).to(tl.int64)
+    n = (pid_bn % N).to(tl.int64)
+    kv = n // GROUP
+    S = T * H * W
+    S_q = T_Q * H * W
+
+    qy = pid_y * BH + tl.arange(0, BH)
+    qx = pid_x * BW + tl.arange(0, BW)
+    y_valid = qy < H
+    x_valid = qx < W
+    q_valid = y_valid[:, None] & x_valid[None, :]  # [BH, BW]
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    q_base = Q + b * sq_b + n * sq_n + tq.to(tl.int64) * sq_t
+    q = tl.load(q_base + qy[:, None, None].to(tl.int64) * sq_h + qx[None, :, None].to(tl.int64) * sq_w
+                + offs_d[None, None, :].to(tl.int64) * sq_d,
+                mask=q_valid[:, :, None] & d_valid[None, None, :], other=0.0)  # [BH, BW, BLOCK_D]
+
+    k_frame = K + b * sk_b + kv * sk_n + t.to(tl.int64) * sk_t
+    v_frame = V + b * sv_b + kv * sv_n + t.to(tl.int64) * sv_t
+    lab_base = Labels + b * S
+    lab_frame = lab_base + t * H * W
+
+    # column keys (t, y', x), y' != y, in the column-major layout [BW, BH]
+    q_c = tl.permute(q, (1, 0, 2))
+    m_c = tl.full([BW, BH], float("-inf"), tl.float32)
+    l_c = tl.zeros([BW, BH], tl.float32)
+    acc_c = tl.zeros([BW, BH, BLOCK_D], tl.float32)
+    a_c = tl.full([BW, BH, BLOCK_O], float("-inf"), tl.float32)
+    arg_c = tl.full([BW, BH, BLOCK_O], -1, tl.int32)
+    valid_c = x_valid[:, None] & y_valid[None, :]  # [BW, BH]
+    for start in range(0, H, BLOCK_N):
+        ky = start + tl.arange(0, BLOCK_N)
+        n_valid = ky < H
+        kT = tl.load(k_frame + qx[:, None, None].to(tl.int64) * sk_w + offs_d[None, :, None].to(tl.int64) * sk_d
+                     + ky[None, None, :].to(tl.int64) * sk_h,
+                     mask=x_valid[:, None, None] & d_valid[None, :, None] & n_valid[None, None, :], other=0.0)
+        v = tl.load(v_frame + qx[:, None, None].to(tl.int64) * sv_w + ky[None, :, None].to(tl.int64) * sv_h
+                    + offs_d[None, None, :].to(tl.int64) * sv_d,
+                    mask=x_valid[:, None, None] & n_valid[None, :, None] & d_valid[None, None, :], other=0.0)
+        s = dot(q_c, kT, tl.zeros([BW, BH, BLOCK_N], tl.float32), DOT_PRECISION, INTERPRET_BF16) * scale_log2
+        in_pattern = valid_c[:, :, None] & n_valid[None, None, :] & (qy[None, :, None] != ky[None, None, :])
+        s = tl.where(in_pattern, s, float("-inf"))
+        # same frame: never eligible under causal affinity
+        if NUM_OBJ > 0 and not CAUSAL_AFF:
+            key_labels = tl.load(lab_frame + ky[None, :] * W + qx[:, None], mask=x_valid[:, None] & n_valid[None, :],
+                                 other=-1)
+            # arg_c holds the key's row y' until the merge below
+            a_c, arg_c = _object_max_tile(s, in_pattern, key_labels, start, a_c, arg_c, NUM_OBJ, BLOCK_O)
+        m_c, l_c, acc_c = _softmax_tile(s, m_c, l_c, acc_c, v, DOT_PRECISION, INTERPRET_BF16)
+
+    # the row keys continue the column state, permuted back once (exact: one online softmax)
+    m_i = tl.trans(m_c)
+    l_i = tl.trans(l_c)
+    acc = tl.permute(acc_c, (1, 0, 2))
+    a_max = tl.full([BH, BW, BLOCK_O], float("-inf"), tl.float32)
+    a_arg = tl.full([BH, BW, BLOCK_O], -1, tl.int32)
+    # row keys (t, y, x'), the query itself included
+    for start in range(0, W, BLOCK_N):
+        kx = start + tl.arange(0, BLOCK_N)
+        n_valid = kx < W
+        kT = tl.load(k_frame + qy[:, None, None].to(tl.int64) * sk_h + offs_d[None, :, None].to(tl.int64) * sk_d
+                     + kx[None, None, :].to(tl.int64) * sk_w,
+                     mask=y_valid[:, None, None] & d_valid[None, :, None] & n_valid[None, None, :], other=0.0)
+        v = tl.load(v_frame + qy[:, None, None].to(tl.int64) * sv_h + kx[None, :, None].to(tl.int64) * sv_w
+                    + offs_d[None, None, :].to(tl.int64) * sv_d,
+                    mask=y_valid[:, None, None] & n_valid[None, :, None] & d_valid[None, None, :], other=0.0)
+        s = dot(q, kT, tl.zeros([BH, BW, BLOCK_N], tl.float32), DOT_PRECISION, INTERPRET_BF16) * scale_log2
+        in_pattern = q_valid[:, :, None] & n_valid[None, None, :]
+        s = tl.where(in_pattern, s, float("-inf"))
+        if NUM_OBJ > 0 and not CAUSAL_AFF:
+            row_start = (t * H + qy) * W + start
+            key_labels = tl.load(lab_base + row_start[:, None] + tl.arange(0, BLOCK_N)[None, :],
+                                 mask=y_valid[:, None] & n_valid[None, :], other=-1)
+            a_max, a_arg = _object_max_tile(s, in_pattern, key_labels, row_start[:, None, None], a_max, a_arg,
+                                            NUM_OBJ, BLOCK_O)
+        m_i, l_i, acc = _softmax_tile(s, m_i, l_i, acc, v, DOT_PRECISION, INTERPRET_BF16)
+
+    # time keys (t', y, x): earlier frames, then (not causal) later ones; never t itself
+    k_head = K + b * sk_b + kv * sk_n
+    v_head = V + b * sv_b + kv * sv_n
+    m_i, l_i, acc, a_max, a_arg = _time_keys_tile(
+        q, qy, qx, q_valid, 0, t, k_head, v_head, lab_base, sk_t, sv_t, sk_h, sv_h, sk_w, sv_w, sk_d, sv_d,
+        H, W, D, scale_log2, m_i, l_i, acc, a_max, a_arg, True, NUM_OBJ, BLOCK_O, BLOCK_D)
+    if not CAUSAL:
+        m_i, l_i, acc, a_max, a_arg = _time_keys_tile(
+            q, qy, qx, q_valid, t + 1, T, k_head, v_head, lab_base, sk_t, sv_t, sk_h, sv_h, sk_w, sv_w, sk_d, sv_d,
+            H, W, D, scale_log2, m_i, l_i, acc, a_max, a_arg, not CAUSAL_AFF, NUM_OBJ, BLOCK_O, BLOCK_D)
+
+    BM: tl.constexpr = BH * BW
+    q_index = (tq * H + qy[:, None]) * W + qx[None, :]
+    if NUM_OBJ > 0:
+        if not CAUSAL_AFF:
+            # the column's maxima: row and time keys win ties (as in grid_fwd_cols' merge)
+            a_col = tl.permute(a_c, (1, 0, 2))
+            arg_col = tl.permute(arg_c, (1, 0, 2))
+            col_wins = a_col > a_max
+            a_arg = tl.where(col_wins, (t * H + arg_col) * W + qx[None, :, None], a_arg)
+            a_max = tl.maximum(a_max, a_col)
+    store_results(
+        Out, Lse, Aff, Arg, pid_bn.to(tl.int64), S_q, D, tl.reshape(q_index, [BM]), tl.reshape(q_valid, [BM]),
+        tl.reshape(m_i, [BM]), tl.reshape(l_i, [BM]), tl.reshape(acc, [BM, BLOCK_D]),
+        tl.reshape(a_max, [BM, BLOCK_O]), tl.reshape(a_arg, [BM, BLOCK_O]),
+        NUM_OBJ, BLOCK_D, BLOCK_O, INTERPRET_BF16,
+    )
+
+
+_prune = {"early_config_prune": kind_pruner(CONFIGS_BY_HEAD_DIM)}
+grid_fwd_rows_tuned = triton.autotune(TWO_PASS_CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_rows)
 # the column pass updates the row pass's state in place (Lse, Aff, Arg; Out when it is the
 # partial): each benchmark run of the autotuner must start from the row pass's values
-grid_fwd_cols_tuned = triton.autotune(CONFIGS, key=TUNE_KEY, prune_configs_by=_prune,
+grid_fwd_cols_tuned = triton.autotune(TWO_PASS_CONFIGS, key=TUNE_KEY, prune_configs_by=_prune,
                                       restore_value=["Out", "Lse", "Aff", "Arg"])(grid_fwd_cols)
-# both passes share one configuration list and pruner: the module's representative
-grid_fwd_tuned = grid_fwd_rows_tuned
+grid_fwd_tiles_tuned = triton.autotune(TILE_CONFIGS, key=TUNE_KEY, prune_configs_by=_prune)(grid_fwd_tiles)
+# The module's autotuning table, both kinds together (what :func:`launch_forward` chooses
+# among on CUDA, and what ``perf/work_model.py`` ranks): CONFIGS and the per-head-dim
+# pruner; never launched itself (each kernel has its own ``*_tuned`` above).
+grid_fwd_tuned = SimpleNamespace(configs=CONFIGS, early_config_prune=kind_pruner(CONFIGS_BY_HEAD_DIM))
 
 
 def _aot_specs():
     specs = []
-    for name, kernel in (("grid_fwd_rows", grid_fwd_rows), ("grid_fwd_cols", grid_fwd_cols)):
+    for name, kernel, configs in (("grid_fwd_rows", grid_fwd_rows, TWO_PASS_CONFIGS),
+                                  ("grid_fwd_cols", grid_fwd_cols, TWO_PASS_CONFIGS),
+                                  ("grid_fwd_tiles", grid_fwd_tiles, TILE_CONFIGS)):
+        # (forward_aot_specs' own pruning knows BLOCK_M / TILE_H tiles only: replaced below)
         for spec in forward_aot_specs(
-            name, kernel, CONFIGS, dict(B=1, GROUP=2, T_Q=4), dict(CAUSAL=True, CAUSAL_AFF=False),
+            name, kernel, TWO_PASS_CONFIGS, dict(B=1, GROUP=2, T_Q=4), dict(CAUSAL=True, CAUSAL_AFF=False),
             "GQA group 2, causal, causal_affinity=False (objects in every phase)",
         ):
-            # bfloat16 Out: the scaled float16 partial
-            spec.pointers["Part"] = "*fp16"
-            spec.pointers["Exp"] = "*i8"
-            spec.configs = configs_at(CONFIGS, CONFIGS_BY_HEAD_DIM, spec.constexprs["BLOCK_D"])
+            if kernel is not grid_fwd_tiles:
+                # bfloat16 Out: the scaled float16 partial
+                spec.pointers["Part"] = "*fp16"
+                spec.pointers["Exp"] = "*i8"
+            spec.configs = kind_pruner(CONFIGS_BY_HEAD_DIM)(configs, {}, BLOCK_D=spec.constexprs["BLOCK_D"])
             specs.append(spec)
     return specs
 
@@ -373,23 +632,89 @@ def _partial(out: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]
                                                                                        device=out.device)
 
 
-def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
-                   interpret: bool, config=None) -> None:
-    """Launch :func:`grid_fwd_rows` then :func:`grid_fwd_cols` for problem ``p`` (see
-    :func:`sst_triton.kernels.launch.run`)."""
+def _launch_two_pass(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
+                     interpret: bool, config=None) -> None:
+    """:func:`grid_fwd_rows` then :func:`grid_fwd_cols` (a BLOCK_M configuration, or autotuned)."""
     q, k, v, lab, out, lse, aff, arg = pointers
     part, exps = _partial(out, p)
     args = (q, k, v, lab, out, lse, aff, arg, part, exps, *strides,
             p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, scale_log2)
     module = sys.modules[__name__]
-    sizes = f"T_q*H={p.T_q * p.H}, T_q*W={p.T_q * p.W}, B*N={p.B * p.N}"
     grid_rows = lambda m: (cdiv(p.W, m["BLOCK_M"]) * p.T_q * p.H * p.B * p.N,)  # noqa: E731
-    grid_cols = lambda m: (cdiv(p.H, m["BLOCK_M"]) * p.T_q * p.W * p.B * p.N,)  # noqa: E731
-    # both grids are checked before either kernel runs
-    for c in [config] if config is not None else CONFIGS:
-        check_grid("grid_fwd_cols", grid_cols({**meta, **c.kwargs}), sizes)
-    for name, grid in (("grid_fwd_rows", grid_rows), ("grid_fwd_cols", grid_cols)):
-        run(module, name, grid, args, meta, interpret=interpret, configs=CONFIGS, config=config, sizes=sizes)
+    for name, grid in (("grid_fwd_rows", grid_rows), ("grid_fwd_cols", _grid_cols(p))):
+        run(module, name, grid, args, meta, interpret=interpret, configs=TWO_PASS_CONFIGS, config=config,
+            sizes=_sizes(p))
+
+
+def _launch_tiles(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
+                  interpret: bool, config=None) -> None:
+    """:func:`grid_fwd_tiles` (a BH / BW configuration, or autotuned over those)."""
+    args = (*pointers, *strides, p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.D, scale_log2)
+    run(sys.modules[__name__], "grid_fwd_tiles", _grid_tiles(p), args, meta, interpret=interpret,
+        configs=TILE_CONFIGS, config=config, sizes=_sizes(p))
+
+
+def _sizes(p: Problem) -> str:
+    return f"T_q*H={p.T_q * p.H}, T_q*W={p.T_q * p.W}, B*N={p.B * p.N}"
+
+
+def _grid_cols(p: Problem):
+    return lambda m: (cdiv(p.H, m["BLOCK_M"]) * p.T_q * p.W * p.B * p.N,)
+
+
+def _grid_tiles(p: Problem):
+    return lambda m: (cdiv(p.H, m["BH"]) * cdiv(p.W, m["BW"]) * p.T_q * p.B * p.N,)
+
+
+def _is_tiles(config) -> bool:
+    return "BH" in config.kwargs
+
+
+# CUDA, no configuration forced: the faster kernel kind per autotuning key (each kind
+# autotuned among its own configurations first), measured once per key
+_FASTEST_KIND: dict[tuple, str] = {}
+
+
+def launch_forward(p: Problem, pointers: tuple, strides: tuple, scale_log2: float, meta: dict, *,
+                   interpret: bool, config=None) -> None:
+    """Launch the forward for problem ``p`` (see :func:`sst_triton.kernels.launch.run`): the
+    two passes (:func:`grid_fwd_rows`, :func:`grid_fwd_cols`) for a ``BLOCK_M``
+    configuration and in the interpreter by default (``CONFIGS[0]``), the single pass
+    (:func:`grid_fwd_tiles`) for a ``BH``/``BW`` one; on CUDA with no configuration forced,
+    whichever kind measures faster for the call's autotuning key."""
+    candidates = [config] if config is not None else (CONFIGS[:1] if interpret else CONFIGS)
+    # every candidate's grids are checked before any kernel runs
+    for c in candidates:
+        m = {**meta, **c.kwargs}
+        if _is_tiles(c):
+            check_grid("grid_fwd_tiles", _grid_tiles(p)(m), _sizes(p))
+        else:
+            check_grid("grid_fwd_cols", _grid_cols(p)(m), _sizes(p))
+    call = (p, pointers, strides, scale_log2, meta)
+    if config is not None or interpret:
+        chosen = config if config is not None else CONFIGS[0]
+        (_launch_tiles if _is_tiles(chosen) else _launch_two_pass)(*call, interpret=interpret, config=chosen)
+        return
+    from . import launch as _launch
+
+    tiles_allowed = bool(kind_pruner(CONFIGS_BY_HEAD_DIM)(TILE_CONFIGS, {}, BLOCK_D=meta["BLOCK_D"]))
+    kinds = {"two_pass": _launch_two_pass, **({"tiles": _launch_tiles} if tiles_allowed else {})}
+    if _launch._DRY_RUN and _launch._DRY_RUN[-1]:
+        # a dry run (capture_grids(launch=False)) reports every kernel the tuner may launch
+        for launcher in kinds.values():
+            launcher(*call, interpret=False)
+        return
+    key = (p.B, p.N, p.group, p.T_q, p.T, p.H, p.W, p.num_obj, pointers[0].dtype,
+           *(meta[name] for name in ("BLOCK_D", "CAUSAL", "CAUSAL_AFF")))
+    if key not in _FASTEST_KIND:
+        import triton.testing
+
+        times = {}
+        for name, launcher in kinds.items():
+            launcher(*call, interpret=False)  # autotunes that kind's kernels for the key
+            times[name] = triton.testing.do_bench(lambda: launcher(*call, interpret=False))
+        _FASTEST_KIND[key] = min(times, key=times.get)
+    kinds[_FASTEST_KIND[key]](*call, interpret=False)
 
 
 def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool = True, fp16: bool = False) -> Work:
@@ -400,6 +725,8 @@ def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool 
     row for bfloat16 (see :func:`_partial`)."""
     from ._common import block_d, block_o
 
+    if _is_tiles(config):
+        return _work_tiles(p, config, elem_bytes, causal_affinity)
     BM, BN = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     BD, BO, O, D = block_d(p.D), block_o(p.num_obj), p.num_obj, p.D
     causal, H, W, T = p.pattern.causal, p.H, p.W, p.T
@@ -450,3 +777,43 @@ def work_forward(p: Problem, config, elem_bytes: int = 4, causal_affinity: bool 
     rows.store_bytes = heads * p.S_q * (part_cell + stats) + (heads * p.T_q * H * cdiv(W, 16) if scaled else 0)
     cols.store_bytes = heads * p.S_q * (cell + stats)
     return rows + cols
+
+
+def _work_tiles(p: Problem, config, elem_bytes: int, causal_affinity: bool) -> Work:
+    """What :func:`grid_fwd_tiles` issues (see :func:`work_forward`). Per program, a
+    ``BH x BW`` tile: ``cdiv(H, BLOCK_N)`` column blocks and ``cdiv(W, BLOCK_N)`` row blocks
+    of ``BH * BW * (BLOCK_N + 1)`` exponentials (``p`` and the rescale) and two batched
+    products each, two exponentials per query and time key; every valid column of the tile
+    loads its ``H`` column keys, every valid row its ``W`` row keys, every query its time
+    keys; the results are written once."""
+    from ._common import block_d, block_o
+
+    BH, BW, BN = config.kwargs["BH"], config.kwargs["BW"], config.kwargs["BLOCK_N"]
+    BD, BO, O, D = block_d(p.D), block_o(p.num_obj), p.num_obj, p.D
+    causal, H, W, T = p.pattern.causal, p.H, p.W, p.T
+    heads, kv_heads = p.B * p.N, p.B * p.N_kv
+    same_frame_labels = 4 if O > 0 and not causal_affinity else 0
+    cell = D * elem_bytes
+    tiles_y, tiles_x = cdiv(H, BH), cdiv(W, BW)
+    tiles = tiles_y * tiles_x
+    work = Work(programs=tiles * p.T_q * heads)
+    for t in range(p.t_off, T):
+        earlier, later = t, (0 if causal else T - 1 - t)
+        labelled = (earlier + (later if not causal_affinity else 0)) if O else 0
+        frame = Work(
+            exp=tiles * ((cdiv(H, BN) + cdiv(W, BN)) * BH * BW * (BN + 1) + 2 * BH * BW * (earlier + later)
+                         + (BH * BW * BO if O else 0)),
+            dot_flops=tiles * (cdiv(H, BN) + cdiv(W, BN)) * 4 * BH * BW * BN * BD,
+            # q; column keys per valid column of each tile row; row keys per valid row of each
+            # tile column; time keys (and eligible time labels) per query
+            load_bytes=H * W * cell + (tiles_y + tiles_x) * H * W * (2 * cell + same_frame_labels)
+            + (earlier + later) * H * W * 2 * cell + labelled * H * W * 4,
+        )
+        work.exp += heads * frame.exp
+        work.dot_flops += heads * frame.dot_flops
+        work.load_bytes += heads * frame.load_bytes
+    # every key frame is a row, column or time key of some query; labels: eligible frames only
+    label_frames = (T - 1 if causal_affinity else T) if O else 0
+    work.distinct_bytes = heads * p.S_q * cell + 2 * kv_heads * p.S * cell + p.B * label_frames * H * W * 4
+    work.store_bytes = heads * p.S_q * (cell + 4 + 2 * O * 4)
+    return work
