@@ -133,6 +133,21 @@ def dq_block(q, do, lse, delta, k, v, in_pattern, obj, scale, dq, DOT_PRECISION:
 
 
 @triton.jit
+def dkdv_ds_block(
+    k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr
+):
+    """:func:`dkdv_block`, also returning the block's ``dS^T`` ``[BLOCK_N, BLOCK_M]`` (float32)
+    for a kernel that owns the queries too and takes their ``dQ`` from the same ``P``."""
+    st = dot(k, tl.trans(q), None, DOT_PRECISION, DOT_FP32) * scale
+    pt = tl.where(in_pattern, tl.exp(st.to(lse.dtype) - lse[None, :]), 0.0)
+    dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, DOT_FP32)
+    dpt = dot(v, tl.trans(do), None, DOT_PRECISION, DOT_FP32).to(lse.dtype) + obj
+    dst = pt * (dpt - delta[None, :])
+    dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, DOT_FP32)
+    return dk, dv, dst
+
+
+@triton.jit
 def dkdv_block(
     k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr
 ):
@@ -143,12 +158,7 @@ def dkdv_block(
         in_pattern, obj: ``[BLOCK_N, BLOCK_M]`` (:func:`object_grad` with ``KEYS_FIRST``).
         dk, dv: ``[BLOCK_N, BLOCK_D]`` accumulators.
     """
-    st = dot(k, tl.trans(q), None, DOT_PRECISION, DOT_FP32) * scale
-    pt = tl.where(in_pattern, tl.exp(st.to(lse.dtype) - lse[None, :]), 0.0)
-    dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, DOT_FP32)
-    dpt = dot(v, tl.trans(do), None, DOT_PRECISION, DOT_FP32).to(lse.dtype) + obj
-    dst = pt * (dpt - delta[None, :])
-    dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, DOT_FP32)
+    dk, dv, _ = dkdv_ds_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
     return dk, dv
 
 

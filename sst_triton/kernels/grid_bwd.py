@@ -51,6 +51,7 @@ import triton.language as tl
 from ._common import cast
 from .common_bwd import (
     aot_spec,
+    dkdv_ds_block,
     dkdv_pairs,
     dot,
     dq_pairs,
@@ -170,12 +171,7 @@ def _line_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv,
     Returns:
         ``dk / scale``, ``dv`` updated, and the block's ``dq / scale`` ``[BLOCK_M, BLOCK_D]``.
     """
-    st = dot(k, tl.trans(q), None, DOT_PRECISION, DOT_FP32) * scale
-    pt = tl.where(in_pattern, tl.exp(st.to(lse.dtype) - lse[None, :]), 0.0)
-    dv = dot(pt.to(do.dtype), do, dv, DOT_PRECISION, DOT_FP32)
-    dpt = dot(v, tl.trans(do), None, DOT_PRECISION, DOT_FP32).to(lse.dtype) + obj
-    dst = pt * (dpt - delta[None, :])
-    dk = dot(dst.to(q.dtype), q, dk, DOT_PRECISION, DOT_FP32)
+    dk, dv, dst = dkdv_ds_block(k, v, q, do, lse, delta, in_pattern, obj, scale, dk, dv, DOT_PRECISION, DOT_FP32)
     dq = dot(tl.trans(dst.to(k.dtype)), k, None, DOT_PRECISION, DOT_FP32).to(lse.dtype)
     return dk, dv, dq
 
