@@ -32,6 +32,7 @@ to the probability of the key that attained it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -168,6 +169,13 @@ def _grid(q, k, v, pattern: Pattern, scale, labels, num_objects, causal_affinity
 # ----------------------------------------------------------------------------- local
 
 
+def _tile_candidates(q_sizes: tuple[int, int, int]):
+    """Every query tile ``(tt, ty, tx)`` the local paths consider: powers of two below each
+    query extent, and the whole extent."""
+    cands = [[c for c in (1, 2, 4, 8, 16, 32) if c < L] + [L] for L in q_sizes]
+    return itertools.product(*cands)
+
+
 def _local_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple[int, int, int], group: int,
                  head_dim: int = 32):
     """Query tile per axis of :func:`_local`: trades halo waste (keys outside a query's window)
@@ -178,27 +186,23 @@ def _local_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tuple
     ``group`` query heads share each tile's keys (GQA): they are rows of the tile's matmuls.
     """
     best, best_cost = None, math.inf
-    cands = [[c for c in (1, 2, 4, 8, 16, 32) if c < L] + [L] for L in q_sizes]
-    for tt in cands[0]:
-        for ty in cands[1]:
-            for tx in cands[2]:
-                tiles = (tt, ty, tx)
-                q_tile = tt * ty * tx
-                ht, hy, hx = (min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
-                nt, ny, nx = (-(-L // t) for t, L in zip(tiles, q_sizes))
-                if q_tile * ht * hy * hx > PAIRS_PER_CHUNK or nt * ht * nx * hx > HALO_COPIES * k_sizes[0] * k_sizes[2]:
-                    continue
-                rows = group * q_tile
-                pairs = group * nt * ny * nx * q_tile * ht * hy * hx
-                # fitted on one thread (T=4, 64x64, k=7, D=32, T_q = 1 and 4; rms 4% of the time): a
-                # (query, key) pair costs 2.0 ns + 15 ns / rows (small matmuls are less efficient;
-                # the softmax part does not scale with D), the key and value halos cost their
-                # copy, 0.93 ns per element, once per (time tile, x tile) over the whole height
-                pair_ns = (2.0 + 15.0 / rows) * (0.4 + 0.6 * head_dim / 32)
-                copy_ns = 0.93 * 2 * nt * ht * nx * hx * k_sizes[1] * head_dim
-                cost = pairs * pair_ns + copy_ns
-                if cost < best_cost:
-                    best, best_cost = tiles, cost
+    for tiles in _tile_candidates(q_sizes):
+        q_tile = math.prod(tiles)
+        ht, hy, hx = (min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
+        nt, ny, nx = (-(-L // t) for t, L in zip(tiles, q_sizes))
+        if q_tile * ht * hy * hx > PAIRS_PER_CHUNK or nt * ht * nx * hx > HALO_COPIES * k_sizes[0] * k_sizes[2]:
+            continue
+        rows = group * q_tile
+        pairs = group * nt * ny * nx * q_tile * ht * hy * hx
+        # fitted on one thread (T=4, 64x64, k=7, D=32, T_q = 1 and 4; rms 4% of the time): a
+        # (query, key) pair costs 2.0 ns + 15 ns / rows (small matmuls are less efficient;
+        # the softmax part does not scale with D), the key and value halos cost their
+        # copy, 0.93 ns per element, once per (time tile, x tile) over the whole height
+        pair_ns = (2.0 + 15.0 / rows) * (0.4 + 0.6 * head_dim / 32)
+        copy_ns = 0.93 * 2 * nt * ht * nx * hx * k_sizes[1] * head_dim
+        cost = pairs * pair_ns + copy_ns
+        if cost < best_cost:
+            best, best_cost = tiles, cost
     return best
 
 
@@ -391,23 +395,19 @@ def _gather_tiles(pattern: Pattern, q_sizes: tuple[int, int, int], k_sizes: tupl
     count against the per-query-head pair budget.
     """
     best, best_cost = (1, 1, 1), math.inf
-    cands = [[c for c in (1, 2, 4, 8, 16, 32) if c < L] + [L] for L in q_sizes]
-    for tt in cands[0]:
-        for ty in cands[1]:
-            for tx in cands[2]:
-                tiles = (tt, ty, tx)
-                q_tile = tt * ty * tx
-                halo = math.prod(min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
-                n_tiles = math.prod(-(-L // t) for t, L in zip(tiles, q_sizes))
-                padded = n_tiles * q_tile
-                # measured on 2 cores (T=4, 64x64, k=7, D=32): attention work ~ padded queries * halo
-                # (times the query heads sharing the keys), the halo gather ~ halo / tile (once per
-                # key/value head), and a fixed price per tile (small matmuls)
-                cost = group * padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
-                if q_tile * halo > PAIRS_PER_CHUNK:
-                    continue
-                if cost < best_cost:
-                    best, best_cost = tiles, cost
+    for tiles in _tile_candidates(q_sizes):
+        q_tile = math.prod(tiles)
+        halo = math.prod(min(t + k - 1, L) for t, k, L in zip(tiles, pattern.kernel_size, k_sizes))
+        n_tiles = math.prod(-(-L // t) for t, L in zip(tiles, q_sizes))
+        padded = n_tiles * q_tile
+        # measured on 2 cores (T=4, 64x64, k=7, D=32): attention work ~ padded queries * halo
+        # (times the query heads sharing the keys), the halo gather ~ halo / tile (once per
+        # key/value head), and a fixed price per tile (small matmuls)
+        cost = group * padded * halo + padded * halo / q_tile * 48 + n_tiles * 8000
+        if q_tile * halo > PAIRS_PER_CHUNK:
+            continue
+        if cost < best_cost:
+            best, best_cost = tiles, cost
     return best
 
 
